@@ -1,0 +1,184 @@
+"""Every setting of the service, with its default, in one frozen dataclass.
+
+Each field maps onto a flag (`--max-batch-rows`) and an environment variable
+(`MNIST_MAX_BATCH_ROWS`); a flag beats the environment, which beats the default. Units are in
+the names. The field's `help` metadata is the flag's --help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MNIST_"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where and how to listen
+    model_dir: Path = _opt(Path("models"), "model repository: <name>/<integer version>/")
+    host: str = _opt("[::]", "address to listen on for gRPC")
+    port: int = _opt(50051, "gRPC port (0 picks a free one)")
+    workers: int = _opt(1, "server processes sharing the port with SO_REUSEPORT")
+    grace_period_s: float = _opt(10.0, "on SIGTERM, how long in-flight requests may finish")
+    tls_cert: Path | None = _opt(None, "PEM server certificate; enables TLS with --tls-key")
+    tls_key: Path | None = _opt(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = _opt(
+        None, "PEM CA bundle; when set, clients must present a certificate it signed"
+    )
+    # --- batching
+    batching: bool = _opt(True, "coalesce concurrent requests into one forward pass")
+    max_batch_rows: int = _opt(256, "most images in one forward pass")
+    max_batch_wait_s: float = _opt(
+        0.002, "longest a request waits for others to join its batch (never when alone)"
+    )
+    max_queue_rows: int = _opt(
+        8192, "images waiting at most; past it requests fail fast with RESOURCE_EXHAUSTED"
+    )
+    max_images_per_request: int = _opt(4096, "most images one request may carry")
+    # --- model versions
+    rescan_interval_s: float = _opt(2.0, "how often the repository is rescanned (0: never)")
+    version_policy: str = _opt(
+        "latest",
+        "which versions stay loaded: 'latest', 'latest:N', or 'specific:1,3'; per model as "
+        "'mnist=latest:2;fashion=specific:4'",
+    )
+    version_labels: str = _opt(
+        "", "initial labels, e.g. 'mnist:stable=1,canary=2;fashion:stable=4'"
+    )
+    default_model: str | None = _opt(
+        None, "model used when a request names none (default: the only one, or 'mnist')"
+    )
+    # --- admin API
+    admin_enabled: bool = _opt(False, "serve the mnist.v1.Admin service")
+    admin_token: str | None = _opt(
+        None, "bearer token the admin service requires (required when it is enabled)"
+    )
+    admin_port: int | None = _opt(None, "serve admin on its own port instead of --port")
+    # --- observability
+    metrics_enabled: bool = _opt(True, "export Prometheus metrics over HTTP")
+    metrics_host: str = _opt("0.0.0.0", "address for the /metrics endpoint")
+    metrics_port: int = _opt(9100, "port for the /metrics endpoint")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Big enough for the largest request allowed (float32 pixels) plus framing."""
+        return self.max_images_per_request * 784 * 4 + 1024 * 1024
+
+
+def _base_type(hint: Any) -> type:
+    """`int | None` -> int; `Path` -> Path."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = (a for a in typing.get_args(hint) if a is not type(None))
+        return typing.cast(type, inner)
+    return typing.cast(type, hint)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _convert(kind: type, text: str) -> Any:
+    if kind is bool:
+        return _parse_bool(text)
+    return kind(text)
+
+
+def _converter(kind: type) -> Callable[[str], Any]:
+    return lambda text: _convert(kind, text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, defaulting to 'not given' so the environment can apply."""
+    hints = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        kind = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata['help']} [env {env}; default {f.default}]"
+        if kind is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag, dest=f.name, type=_converter(kind), default=None,
+                metavar=kind.__name__.upper(), help=help_text,
+            )
+
+
+def load_settings(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags, then `MNIST_*` variables, then defaults; a ValueError names the bad one."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        given = getattr(args, f.name, None) if args is not None else None
+        if given is not None:
+            values[f.name] = given
+            continue
+        env = ENV_PREFIX + f.name.upper()
+        if env in environ and environ[env] != "":
+            try:
+                values[f.name] = _convert(_base_type(hints[f.name]), environ[env])
+            except ValueError as e:
+                raise ValueError(f"{env}={environ[env]!r}: {e}") from None
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Reject nonsense early, with the flag's name in the message."""
+    problems: list[str] = []
+    positive = ("workers", "max_batch_rows", "max_queue_rows", "max_images_per_request")
+    for name in positive:
+        if getattr(s, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            problems.append(f"{flag} must be at least 1, got {getattr(s, name)}")
+    for name in ("grace_period_s", "max_batch_wait_s", "rescan_interval_s"):
+        if getattr(s, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        problems.append("--tls-cert and --tls-key go together")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+    if s.admin_enabled and not s.admin_token:
+        problems.append("--admin-enabled needs --admin-token (or MNIST_ADMIN_TOKEN)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    """The CLI entry: flags + environment -> Settings, exiting with a one-line error if bad."""
+    parser = argparse.ArgumentParser(
+        prog="mnist-serve",
+        description="Serve MNIST-style classifiers from a model repository over gRPC, with "
+        "dynamic batching, hot swap of new versions, health checks and Prometheus metrics.",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return load_settings(args)
+    except ValueError as e:
+        parser.error(str(e))

@@ -1,0 +1,68 @@
+"""The service's few domain errors, and the one place they become gRPC status codes.
+
+Raise these anywhere in the core; servicers call `status_of` and abort with what it gives.
+Every message says what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from service.model import ModelFormatError
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; `code` is its gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(ServiceError):
+    """The request itself is wrong: bad encoding, byte length, shape, range, NaN, empty."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    """No such model, version or label."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Overloaded(ServiceError):
+    """The bounded queue is full: retry later rather than wait without bound."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    """Not serving right now: no model loaded yet, or shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before the work was done; the work was dropped."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(ServiceError):
+    """An admin action that the current state does not allow (e.g. unloading the only version)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(ServiceError):
+    """Admin call without a valid bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a client gets for an exception: the only such map."""
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    if isinstance(exc, ModelFormatError):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"model rejected ({exc.reason}): {exc}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

@@ -1,0 +1,478 @@
+"""The model file format and the one forward pass, shared by the trainer and the service.
+
+The trainer evaluates with `Model.predict` and the service answers with it, so the accuracy
+the trainer records is exactly what the service will give. Nothing here imports grpc.
+
+A version directory holds `model.npz` and `model.npz.sha256`. The npz is a plain zip of
+`.npy` members, readable with `np.load(path, allow_pickle=False)`:
+
+    W0..W{L-1}     float32 (fan_in, fan_out)   layer weights, x @ W + b
+    b0..b{L-1}     float32 (fan_out,)          layer biases
+    probe_inputs   float32 (k, 784)            inputs the trainer ran
+    probe_outputs  float32 (k, 10)             what the trainer's forward pass gave for them
+    metadata       uint8   (n,)                UTF-8 JSON, schema below
+
+docs/model-format.md is the full description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.npz"
+CHECKSUM_FILE = "model.npz.sha256"
+INPUT_SIZE = 784
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+# Refuse anything bigger before reading it: a 784-4096-4096-10 float32 MLP is ~80 MiB.
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+# How closely a loaded model must reproduce the outputs the trainer recorded.
+PROBE_ATOL = 1e-5
+PROBE_RTOL = 1e-4
+
+Array = npt.NDArray[np.float32]
+_ARRAY_NAME = re.compile(r"^(W|b)(\d+)$")
+_REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "layer_sizes": list,
+    "activations": list,
+    "output": str,
+    "cost": str,
+    "input": dict,
+    "labels": list,
+    "training": dict,
+    "data": dict,
+    "metrics": dict,
+    "created_at": str,
+    "trainer_version": str,
+}
+
+
+class ModelFormatError(ValueError):
+    """A model file that must not be served. `reason` is a short, bounded slug (a metric label)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# --- the forward pass ---------------------------------------------------------------------
+
+
+def relu(z: Array) -> Array:
+    return np.maximum(z, 0, out=z)
+
+
+def sigmoid(z: Array) -> Array:
+    # exp of a large positive -z overflows float32 to inf, and 1/(1+inf) is the right 0.
+    with np.errstate(over="ignore"):
+        np.negative(z, out=z)
+        np.exp(z, out=z)
+    z += 1
+    return np.reciprocal(z, out=z)
+
+
+def tanh(z: Array) -> Array:
+    return np.tanh(z, out=z)
+
+
+def softmax(z: Array) -> Array:
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+# In-place activations: each takes the pre-activation it may overwrite and returns it.
+ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = MappingProxyType(
+    {"relu": relu, "sigmoid": sigmoid, "tanh": tanh, "softmax": softmax}
+)
+
+
+def forward(
+    x: Array,
+    weights: Sequence[Array],
+    biases: Sequence[Array],
+    activations: Sequence[str],
+    output: str,
+) -> Array:
+    """Class probabilities (n, 10) for inputs (n, 784) in 0..1: one matrix product per layer.
+
+    A sigmoid output layer (the quadratic-cost recipe) gives independent scores; they are
+    normalised to sum to one so every model answers with a distribution.
+    """
+    a = x
+    for w, b, act in zip(weights[:-1], biases[:-1], activations, strict=True):
+        z = a @ w
+        z += b
+        a = ACTIVATIONS[act](z)
+    z = a @ weights[-1]
+    z += biases[-1]
+    out = ACTIVATIONS[output](z)
+    if output == "sigmoid":
+        out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def pixels_to_input(pixels: npt.NDArray[np.uint8]) -> Array:
+    """Raw 0..255 pixels, any leading shape, to the model's float32 0..1 input rows."""
+    x = pixels.reshape(-1, INPUT_SIZE).astype(np.float32)
+    x *= np.float32(1.0 / 255.0)
+    return x
+
+
+# --- the loaded model ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Model:
+    """A validated, immutable model: read-only arrays, safe to share between threads."""
+
+    weights: tuple[Array, ...]
+    biases: tuple[Array, ...]
+    activations: tuple[str, ...]
+    output: str
+    probe_inputs: Array
+    probe_outputs: Array
+    metadata: Mapping[str, Any] = field(repr=False)
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return (self.weights[0].shape[0], *(w.shape[1] for w in self.weights))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(str(label) for label in self.metadata["labels"])
+
+    def predict(self, x: Array) -> Array:
+        """Probabilities (n, 10) for float32 inputs (n, 784) scaled to 0..1."""
+        return forward(x, self.weights, self.biases, self.activations, self.output)
+
+
+def build_model(
+    weights: Sequence[npt.ArrayLike],
+    biases: Sequence[npt.ArrayLike],
+    activations: Sequence[str],
+    output: str,
+    metadata: Mapping[str, Any],
+    probe_inputs: npt.ArrayLike,
+) -> Model:
+    """A Model from trained arrays; the probe outputs are computed here, by the shared pass."""
+    ws = tuple(_frozen(np.asarray(w, dtype=np.float32)) for w in weights)
+    bs = tuple(_frozen(np.asarray(b, dtype=np.float32)) for b in biases)
+    probes = _frozen(np.asarray(probe_inputs, dtype=np.float32).reshape(-1, INPUT_SIZE))
+    outputs = _frozen(forward(probes, ws, bs, activations, output))
+    meta = dict(metadata)
+    meta.setdefault("format_version", FORMAT_VERSION)
+    meta["layer_sizes"] = [ws[0].shape[0], *(int(w.shape[1]) for w in ws)]
+    meta["activations"] = list(activations)
+    meta["output"] = output
+    model = Model(ws, bs, tuple(activations), output, probes, outputs, MappingProxyType(meta))
+    _validate(model)
+    return model
+
+
+def _frozen(a: Array) -> Array:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def save_model(model: Model, directory: Path) -> str:
+    """Write model.npz and its sha256 into `directory` (which must exist), fsynced.
+
+    The zip is written with fixed timestamps, so the same arrays and metadata give the same
+    bytes. Publishing (temp dir + rename) is the trainer's job; this only writes files.
+    Returns the sha256 hex digest.
+    """
+    members: dict[str, np.ndarray[Any, Any]] = {}
+    for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
+        members[f"W{i}"] = w
+        members[f"b{i}"] = b
+    members["probe_inputs"] = model.probe_inputs
+    members["probe_outputs"] = model.probe_outputs
+    meta = json.dumps(dict(model.metadata), sort_keys=True, separators=(",", ":"))
+    members["metadata"] = np.frombuffer(meta.encode("utf-8"), dtype=np.uint8)
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, array in members.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    _write_synced(directory / WEIGHTS_FILE, data)
+    _write_synced(directory / CHECKSUM_FILE, f"{digest}  {WEIGHTS_FILE}\n".encode())
+    return digest
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --- reading and validating ---------------------------------------------------------------
+
+
+def load_model(directory: Path, *, max_bytes: int = MAX_MODEL_BYTES) -> Model:
+    """Load and fully validate the model in a version directory, or raise ModelFormatError."""
+    path = directory / WEIGHTS_FILE
+    data = _read_bounded(path, max_bytes)
+    expected = _read_checksum(directory / CHECKSUM_FILE)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ModelFormatError(
+            "checksum", f"{path}: sha256 is {actual}, {CHECKSUM_FILE} expects {expected}"
+        )
+    arrays = _read_npz(data, path, max_bytes)
+    return _from_arrays(arrays, path)
+
+
+def _read_bounded(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ModelFormatError(
+                "too_large", f"{path}: {size} bytes, more than the {max_bytes} allowed"
+            )
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFormatError("missing_file", f"{path}: no such file") from None
+    except OSError as e:
+        raise ModelFormatError("unreadable", f"{path}: {e.strerror or e}") from None
+
+
+def _read_checksum(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        raise ModelFormatError("missing_file", f"{path}: no such file") from None
+    except OSError as e:
+        raise ModelFormatError("unreadable", f"{path}: {e.strerror or e}") from None
+    digest = text.split()[0].lower() if text.split() else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ModelFormatError(
+            "checksum", f"{path}: expected a sha256 hex digest, got {text[:80]!r}"
+        )
+    return digest
+
+
+def _read_npz(data: bytes, path: Path, max_bytes: int) -> dict[str, np.ndarray[Any, Any]]:
+    """Read every member, checking each header before allocating what it declares."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ModelFormatError("not_npz", f"{path}: not a zip archive (npz)") from None
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    try:
+        with zf:
+            for info in zf.infolist():
+                name = info.filename.removesuffix(".npy")
+                if info.filename == name or "/" in name:
+                    raise ModelFormatError(
+                        "unexpected_key", f"{path}: unexpected member {info.filename!r}"
+                    )
+                if info.file_size > max_bytes:
+                    raise ModelFormatError(
+                        "too_large", f"{path}: member {name} declares {info.file_size} bytes"
+                    )
+                with zf.open(info) as f:
+                    arrays[name] = _read_member(f, info.file_size, name, path)
+    except ModelFormatError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ModelFormatError("corrupt", f"{path}: damaged archive: {e}") from None
+    return arrays
+
+
+def _read_member(f: Any, size: int, name: str, path: Path) -> np.ndarray[Any, Any]:
+    version = np.lib.format.read_magic(f)
+    read_header = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }.get(version)
+    if read_header is None:
+        raise ModelFormatError("corrupt", f"{path}: {name} has unknown .npy version {version}")
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ModelFormatError(
+            "pickle", f"{path}: {name} is an object array, which would need pickle to load"
+        )
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != size - f.tell():
+        raise ModelFormatError(
+            "corrupt",
+            f"{path}: {name} declares shape {shape} ({declared} bytes) "
+            f"but holds {size - f.tell()} bytes",
+        )
+    raw = f.read(declared)
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return array
+
+
+def _from_arrays(arrays: Mapping[str, np.ndarray[Any, Any]], path: Path) -> Model:
+    for key in ("metadata", "probe_inputs", "probe_outputs"):
+        if key not in arrays:
+            raise ModelFormatError("missing_key", f"{path}: no {key!r} array")
+    meta_raw = arrays["metadata"]
+    if meta_raw.dtype != np.uint8 or meta_raw.ndim != 1:
+        raise ModelFormatError(
+            "metadata", f"{path}: metadata must be uint8 UTF-8 JSON, got {meta_raw.dtype}"
+        )
+    try:
+        metadata = json.loads(meta_raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError("metadata", f"{path}: metadata is not UTF-8 JSON: {e}") from None
+    _check_metadata(metadata, path)
+
+    n_layers = len(metadata["layer_sizes"]) - 1
+    expected = {f"W{i}" for i in range(n_layers)} | {f"b{i}" for i in range(n_layers)}
+    expected |= {"metadata", "probe_inputs", "probe_outputs"}
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        raise ModelFormatError(
+            "missing_key" if missing else "unexpected_key",
+            f"{path}: arrays do not match layer_sizes {metadata['layer_sizes']}: "
+            f"missing {missing}, unexpected {extra}",
+        )
+    for name, array in arrays.items():
+        if name != "metadata" and array.dtype != np.float32:
+            raise ModelFormatError(
+                "dtype", f"{path}: {name} must be float32, got {array.dtype}"
+            )
+    model = Model(
+        weights=tuple(_frozen(arrays[f"W{i}"]) for i in range(n_layers)),
+        biases=tuple(_frozen(arrays[f"b{i}"]) for i in range(n_layers)),
+        activations=tuple(metadata["activations"]),
+        output=metadata["output"],
+        probe_inputs=_frozen(arrays["probe_inputs"]),
+        probe_outputs=_frozen(arrays["probe_outputs"]),
+        metadata=MappingProxyType(metadata),
+    )
+    _validate(model, path, declared_sizes=metadata["layer_sizes"])
+    return model
+
+
+def _check_metadata(metadata: Any, path: Path) -> None:
+    if not isinstance(metadata, dict):
+        raise ModelFormatError("metadata", f"{path}: metadata must be a JSON object")
+    for key, kind in _REQUIRED_METADATA.items():
+        if key not in metadata:
+            raise ModelFormatError("metadata", f"{path}: metadata has no {key!r}")
+        if not isinstance(metadata[key], kind) or isinstance(metadata[key], bool):
+            raise ModelFormatError(
+                "metadata",
+                f"{path}: metadata {key!r} must be {getattr(kind, '__name__', kind)}, "
+                f"got {type(metadata[key]).__name__}",
+            )
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise ModelFormatError(
+            "metadata",
+            f"{path}: format_version {metadata['format_version']}, "
+            f"this reader knows {FORMAT_VERSION}",
+        )
+    sizes = metadata["layer_sizes"]
+    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ModelFormatError(
+            "metadata", f"{path}: layer_sizes must be two or more positive ints, got {sizes}"
+        )
+
+
+def _validate(model: Model, path: Path | str = "<model>", declared_sizes: Any = None) -> None:
+    """Everything a served model must satisfy; raises ModelFormatError naming the first fault."""
+    sizes = list(declared_sizes) if declared_sizes is not None else None
+    if len(model.weights) != len(model.biases) or not model.weights:
+        raise ModelFormatError("shape", f"{path}: needs one bias per weight matrix")
+    prev = INPUT_SIZE
+    for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
+        if w.ndim != 2 or w.shape[0] != prev:
+            raise ModelFormatError(
+                "shape", f"{path}: W{i} must have shape ({prev}, n), got {w.shape}"
+            )
+        if b.shape != (w.shape[1],):
+            raise ModelFormatError(
+                "shape", f"{path}: b{i} must have shape ({w.shape[1]},), got {b.shape}"
+            )
+        prev = w.shape[1]
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise ModelFormatError("not_finite", f"{path}: W{i} or b{i} holds NaN or Inf")
+    if prev != NUM_CLASSES:
+        raise ModelFormatError(
+            "shape", f"{path}: the last layer must have {NUM_CLASSES} outputs, got {prev}"
+        )
+    if sizes is not None and sizes != list(model.layer_sizes):
+        raise ModelFormatError(
+            "shape",
+            f"{path}: metadata layer_sizes {sizes} but arrays give {list(model.layer_sizes)}",
+        )
+    if len(model.activations) != len(model.weights) - 1 or any(
+        a not in HIDDEN_ACTIVATIONS for a in model.activations
+    ):
+        raise ModelFormatError(
+            "metadata",
+            f"{path}: activations must be one of {HIDDEN_ACTIVATIONS} per hidden layer "
+            f"({len(model.weights) - 1}), got {list(model.activations)}",
+        )
+    if model.output not in OUTPUT_ACTIVATIONS:
+        raise ModelFormatError(
+            "metadata", f"{path}: output must be one of {OUTPUT_ACTIVATIONS}, got {model.output!r}"
+        )
+    labels = model.metadata.get("labels")
+    if not isinstance(labels, list) or len(labels) != NUM_CLASSES:
+        raise ModelFormatError("metadata", f"{path}: labels must list {NUM_CLASSES} class names")
+    _check_probes(model, path)
+
+
+def _check_probes(model: Model, path: Path | str) -> None:
+    x, y = model.probe_inputs, model.probe_outputs
+    if x.ndim != 2 or x.shape[1] != INPUT_SIZE or x.shape[0] < 1:
+        raise ModelFormatError(
+            "shape", f"{path}: probe_inputs must have shape (k>=1, {INPUT_SIZE}), got {x.shape}"
+        )
+    if y.shape != (x.shape[0], NUM_CLASSES):
+        raise ModelFormatError(
+            "shape",
+            f"{path}: probe_outputs must have shape ({x.shape[0]}, {NUM_CLASSES}), got {y.shape}",
+        )
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ModelFormatError("not_finite", f"{path}: probe arrays hold NaN or Inf")
+    got = model.predict(x)
+    if not np.allclose(got, y, rtol=PROBE_RTOL, atol=PROBE_ATOL):
+        worst = float(np.abs(got - y).max())
+        raise ModelFormatError(
+            "probe_mismatch",
+            f"{path}: the weights do not reproduce the recorded probe outputs "
+            f"(largest difference {worst:.3g}); the file was altered or mis-built",
+        )
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in chunks (data fingerprints, checksums)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
