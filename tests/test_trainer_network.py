@@ -1,0 +1,142 @@
+"""Backprop, optimizers and augmentation of the NumPy trainer, checked against arithmetic."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from service.model import forward
+from trainer.augment import random_shift
+from trainer.network import Architecture, Params, backward, forward_cache, init_params, loss, one_hot
+from trainer.optim import SGD, Adam, Momentum, learning_rate, make_optimizer
+
+OUTPUT_COSTS = [("softmax", "cross_entropy"), ("sigmoid", "mse"),
+                ("softmax", "mse"), ("sigmoid", "cross_entropy")]
+
+
+def _numerical_gradient(
+    params: Params, arch: Architecture, x: npt.NDArray[Any], y: npt.NDArray[Any], eps: float
+) -> list[npt.NDArray[Any]]:
+    grads = []
+    for p in params.arrays():
+        g = np.zeros_like(p)
+        for idx in np.ndindex(p.shape):
+            saved = p[idx]
+            p[idx] = saved + eps
+            up = loss(forward_cache(x, params, arch)[-1], y, arch)
+            p[idx] = saved - eps
+            down = loss(forward_cache(x, params, arch)[-1], y, arch)
+            p[idx] = saved
+            g[idx] = (up - down) / (2 * eps)
+        grads.append(g)
+    return grads
+
+
+@pytest.mark.parametrize(("activation", "output_cost"),
+                         list(itertools.product(("relu", "sigmoid", "tanh"), OUTPUT_COSTS)))
+def test_backprop_matches_numerical_gradient(activation: str, output_cost: tuple[str, str]) -> None:
+    output, cost = output_cost
+    arch = Architecture((7, 6, 5, 4), (activation, activation), output, cost)
+    rng = np.random.default_rng(3)
+    params = init_params(arch, rng, np.float64)
+    for b in params.biases:  # non-zero biases so every term of the gradient is exercised
+        b[:] = rng.normal(0, 0.1, b.shape)
+    x = rng.uniform(0, 1, (9, 7))
+    y = one_hot(rng.integers(0, 4, 9).astype(np.uint8), 4, np.float64)
+
+    grad_w, grad_b = backward(forward_cache(x, params, arch), y, params, arch)
+    numeric = _numerical_gradient(params, arch, x, y, 1e-6)
+
+    for analytic, expected in zip([*grad_w, *grad_b], numeric, strict=True):
+        scale = np.maximum(np.abs(analytic) + np.abs(expected), 1e-8)
+        assert np.max(np.abs(analytic - expected) / scale) < 1e-5
+
+
+def test_training_forward_is_the_shared_forward() -> None:
+    arch = Architecture((784, 32, 16, 10), ("tanh", "tanh"))
+    params = init_params(arch, np.random.default_rng(0))
+    x = np.random.default_rng(1).uniform(0, 1, (5, 784)).astype(np.float32)
+    ours = forward_cache(x, params, arch)[-1]
+    shared = forward(x, params.weights, params.biases, arch.activations, arch.output)
+    np.testing.assert_array_equal(ours, shared)
+    assert ours.dtype == np.float32
+
+
+def test_init_scale_suits_the_activation() -> None:
+    rng = np.random.default_rng(0)
+    relu = init_params(Architecture((784, 512, 10), ("relu",)), rng)
+    tanh = init_params(Architecture((784, 512, 10), ("tanh",)), rng)
+    assert relu.weights[0].std() == pytest.approx(np.sqrt(2 / 784), rel=0.05)  # He
+    assert tanh.weights[0].std() == pytest.approx(np.sqrt(2 / (784 + 512)), rel=0.05)  # Xavier
+    assert all(not b.any() for b in relu.biases)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+def test_optimizers_fit_a_small_problem_and_keep_float32(name: str) -> None:
+    rng = np.random.default_rng(0)
+    arch = Architecture((20, 16, 3), ("relu",))
+    params = init_params(arch, rng)
+    x = rng.uniform(0, 1, (60, 20)).astype(np.float32)
+    labels = (x[:, :3].argmax(axis=1)).astype(np.uint8)
+    y = one_hot(labels, 3)
+    opt = make_optimizer(name, params, l2=1e-4)
+    lr = {"sgd": 0.5, "momentum": 0.1, "adam": 0.01}[name]
+    first = loss(forward_cache(x, params, arch)[-1], y, arch)
+    for _ in range(300):
+        gw, gb = backward(forward_cache(x, params, arch), y, params, arch)
+        opt.step(params, gw, gb, lr)
+    assert loss(forward_cache(x, params, arch)[-1], y, arch) < first / 3
+    assert all(p.dtype == np.float32 for p in params.arrays())
+
+
+def test_l2_decays_weights_not_biases() -> None:
+    params = Params([np.ones((2, 2), np.float32)], [np.ones(2, np.float32)])
+    zero_w, zero_b = [np.zeros((2, 2), np.float32)], [np.zeros(2, np.float32)]
+    SGD(l2=0.5).step(params, zero_w, zero_b, lr=0.1)
+    np.testing.assert_allclose(params.weights[0], 0.95)
+    np.testing.assert_array_equal(params.biases[0], 1.0)
+
+
+def test_momentum_and_adam_first_steps() -> None:
+    p = Params([np.zeros((1, 1), np.float32)], [np.zeros(1, np.float32)])
+    m = Momentum(p, momentum=0.9)
+    for _ in range(2):
+        m.step(p, [np.ones((1, 1), np.float32)], [np.ones(1, np.float32)], lr=1.0)
+    assert p.weights[0][0, 0] == pytest.approx(-(1 + 1.9))
+    q = Params([np.zeros((1, 1), np.float32)], [np.zeros(1, np.float32)])
+    Adam(q).step(q, [np.full((1, 1), 3.0, np.float32)], [np.ones(1, np.float32)], lr=0.01)
+    assert q.weights[0][0, 0] == pytest.approx(-0.01, rel=1e-4)  # Adam's first step is lr
+
+
+def test_cosine_schedule() -> None:
+    assert learning_rate("cosine", 1.0, 0, 100) == 1.0
+    assert learning_rate("cosine", 1.0, 50, 100) == pytest.approx(0.5)
+    assert learning_rate("cosine", 1.0, 100, 100) == pytest.approx(0.0)
+    assert learning_rate("constant", 0.3, 99, 100) == 0.3
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate("step", 1.0, 0, 1)
+
+
+def test_random_shift_moves_each_image_by_its_own_offset() -> None:
+    rng = np.random.default_rng(0)
+    images = np.zeros((50, 28, 28), np.uint8)
+    images[:, 5:23, 5:23] = rng.integers(1, 255, (50, 18, 18))
+    shifted = random_shift(images, 3, np.random.default_rng(7))
+    replay = np.random.default_rng(7)
+    dy = replay.integers(-3, 4, size=50)
+    dx = replay.integers(-3, 4, size=50)
+    for i in range(50):  # the reference: np.roll, valid because the borders are empty
+        np.testing.assert_array_equal(shifted[i], np.roll(images[i], (dy[i], dx[i]), (0, 1)))
+    assert len({(a, b) for a, b in zip(dy, dx, strict=True)}) > 10
+
+
+def test_random_shift_fills_with_background_and_zero_is_identity() -> None:
+    images = np.full((4, 28, 28), 200, np.uint8)
+    shifted = random_shift(images, 2, np.random.default_rng(1))
+    assert shifted.dtype == np.uint8
+    assert set(np.unique(shifted)) <= {0, 200}
+    assert random_shift(images, 0, np.random.default_rng(1)) is images

@@ -1,0 +1,146 @@
+"""The MLP being trained: initialisation, forward pass with cache, vectorized backprop.
+
+Every step works on a whole mini-batch at once: one matrix product per layer forward and
+two backward (one for the first layer, whose input gradient nobody needs). The hidden
+activations are the shared in-place ones from service.model, so the network trained here
+computes exactly what the service's forward pass computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service.model import ACTIVATIONS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
+
+COSTS = ("cross_entropy", "mse")
+Array = npt.NDArray[Any]  # float32 in training, float64 in the gradient check
+
+
+@dataclass
+class Params:
+    """Trainable arrays, updated in place by the optimizer."""
+
+    weights: list[Array]
+    biases: list[Array]
+
+    def arrays(self) -> list[Array]:
+        return [*self.weights, *self.biases]
+
+    def copy(self) -> Params:
+        return Params([w.copy() for w in self.weights], [b.copy() for b in self.biases])
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layer_sizes: tuple[int, ...]
+    activations: tuple[str, ...]  # one per hidden layer
+    output: str = "softmax"
+    cost: str = "cross_entropy"
+
+    def __post_init__(self) -> None:
+        if len(self.layer_sizes) < 2 or any(s < 1 for s in self.layer_sizes):
+            raise ValueError(f"layer sizes must be positive, got {list(self.layer_sizes)}")
+        if len(self.activations) != len(self.layer_sizes) - 2:
+            raise ValueError("one activation per hidden layer")
+        for a in self.activations:
+            if a not in HIDDEN_ACTIVATIONS:
+                raise ValueError(f"activation must be one of {HIDDEN_ACTIVATIONS}, got {a!r}")
+        if self.output not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output must be one of {OUTPUT_ACTIVATIONS}, got {self.output!r}")
+        if self.cost not in COSTS:
+            raise ValueError(f"cost must be one of {COSTS}, got {self.cost!r}")
+
+
+def init_params(arch: Architecture, rng: np.random.Generator, dtype: type = np.float32) -> Params:
+    """He-normal before ReLU, Glorot-uniform before sigmoid/tanh and for the output layer.
+
+    Matching the scale to the activation keeps the variance of the signal roughly constant
+    through the layers, which is what lets a deep ReLU stack train from the first step.
+    """
+    weights: list[Array] = []
+    biases: list[Array] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(arch.layer_sizes)):
+        act = arch.activations[i] if i < len(arch.activations) else arch.output
+        if act == "relu":
+            w = rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
+        else:
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            w = rng.uniform(-limit, limit, (fan_in, fan_out))
+        weights.append(w.astype(dtype))
+        biases.append(np.zeros(fan_out, dtype=dtype))
+    return Params(weights, biases)
+
+
+def forward_cache(x: Array, params: Params, arch: Architecture) -> list[Array]:
+    """Every layer's output, input first; the last is the output layer's activation.
+
+    The derivatives of relu, sigmoid, tanh and the outputs are all functions of the
+    activation itself, so the pre-activations need not be kept.
+    """
+    outs = [x]
+    a = x
+    last = len(params.weights) - 1
+    for i, (w, b) in enumerate(zip(params.weights, params.biases, strict=True)):
+        z = a @ w
+        z += b
+        a = ACTIVATIONS[arch.activations[i] if i < last else arch.output](z)
+        outs.append(a)
+    return outs
+
+
+def loss(out: Array, y: Array, arch: Architecture) -> float:
+    """Mean cost per example for the output activations `out` and one-hot targets `y`."""
+    n = out.shape[0]
+    if arch.cost == "mse":
+        return float(0.5 * np.square(out - y).sum() / n)
+    tiny = np.finfo(out.dtype).tiny
+    if arch.output == "softmax":
+        return float(-np.log(np.maximum((out * y).sum(axis=1), tiny)).sum() / n)
+    # Sigmoid outputs with cross-entropy: ten independent binary cross-entropies.
+    ce = y * np.log(np.maximum(out, tiny)) + (1 - y) * np.log(np.maximum(1 - out, tiny))
+    return float(-ce.sum() / n)
+
+
+def backward(
+    outs: Sequence[Array], y: Array, params: Params, arch: Architecture
+) -> tuple[list[Array], list[Array]]:
+    """Gradients of the mean cost, one (weight, bias) pair per layer, for the whole batch."""
+    a = outs[-1]
+    n = a.shape[0]
+    delta = a - y
+    if arch.cost == "mse":
+        if arch.output == "sigmoid":
+            delta *= a * (1 - a)
+        else:  # softmax Jacobian applied to dC/da = a - y
+            delta = a * (delta - (delta * a).sum(axis=1, keepdims=True))
+    # (softmax or sigmoid) + cross-entropy: delta = a - y exactly.
+    delta *= a.dtype.type(1.0 / n)
+    grad_w: list[Array] = [np.empty(0)] * len(params.weights)
+    grad_b: list[Array] = [np.empty(0)] * len(params.biases)
+    for i in range(len(params.weights) - 1, -1, -1):
+        prev = outs[i]
+        grad_w[i] = prev.T @ delta
+        grad_b[i] = delta.sum(axis=0)
+        if i == 0:
+            break
+        delta = delta @ params.weights[i].T
+        act = arch.activations[i - 1]
+        if act == "relu":
+            delta *= prev > 0
+        elif act == "sigmoid":
+            delta *= prev * (1 - prev)
+        else:  # tanh
+            delta *= 1 - prev * prev
+    return grad_w, grad_b
+
+
+def one_hot(labels: npt.NDArray[np.uint8], n_classes: int, dtype: type = np.float32) -> Array:
+    y: Array = np.zeros((labels.shape[0], n_classes), dtype=dtype)
+    y[np.arange(labels.shape[0]), labels] = 1
+    return y
