@@ -4,16 +4,50 @@ Names are `mnist_<what>_<unit>` in base units. Labels are bounded: RPC method, m
 model version (only loaded ones), gRPC code, class index, rejection reason. The rest of the
 service calls the methods below, never prometheus_client directly, so a test can pass a fresh
 CollectorRegistry and a benchmark can pass `Metrics.disabled()`.
+
+The request path stays cheap: label children are looked up once per label set and cached in
+plain dicts, and a batch records its per-row values (queue waits, confidences, predicted
+classes) with a few NumPy calls and one increment per histogram bucket instead of one
+`observe()` per row.
+
+With `--workers N` the parent calls `prepare_multiprocess()` before any worker imports
+prometheus_client: every worker then writes its values to memory-mapped files in one
+directory, the parent's exporter merges them (`MultiProcessCollector`), and
+`worker_exited(pid)` drops a dead worker's live gauges. docs/metrics.md lists every metric.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import shutil
+import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
 
 # 100 microseconds to ~10 seconds, roughly x2.5 apart.
 LATENCY_BUCKETS_S = (
@@ -24,15 +58,126 @@ BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 LOAD_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 NUM_CLASSES = 10
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_CLASS_LABELS = tuple(str(c) for c in range(NUM_CLASSES))
+
+
+def multiprocess_dir() -> Path | None:
+    """The shared directory when this process records in multiprocess mode, else None."""
+    value = os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower())
+    return Path(value) if value else None
+
+
+def prepare_multiprocess(directory: Path) -> None:
+    """In the parent, before starting workers: an empty shared directory, named in the env.
+
+    prometheus_client picks its value storage when it is first imported, so workers must be
+    fresh interpreters (spawned, or exec'd) that inherit this environment variable; files left
+    by a previous run are removed so old counts do not leak into the new one.
+    """
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(directory)
+
+
+def worker_exited(pid: int) -> None:
+    """In the parent, when a worker exits: forget its live gauges (in-flight, queue, versions).
+
+    Its counters and histograms stay, so totals never go backwards.
+    """
+    directory = multiprocess_dir()
+    if directory is not None:
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+
+
+class _BulkHistogram:
+    """One histogram child that takes a whole array of observations at once.
+
+    `Histogram.observe` is a Python loop over the buckets per value; a batch of 256 rows would
+    pay that 256 times. Here NumPy finds each value's bucket and every bucket is incremented
+    once. It writes to the child's bucket and sum values, as `observe` does (storage that works
+    in multiprocess mode too); tests/test_metrics.py checks it matches `observe` exactly, so a
+    prometheus_client that changes those internals fails a test instead of miscounting.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_child", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._buckets = getattr(child, "_buckets", None)
+        self._sum = getattr(child, "_sum", None)
+        bounds = getattr(child, "_upper_bounds", None)
+        self._bounds = np.asarray(bounds, dtype=np.float64) if bounds is not None else None
+        if self._buckets is None or self._sum is None or self._bounds is None:
+            log.warning("prometheus_client internals changed: histograms use observe() per row")
+            self._buckets = None
+
+    def observe(self, value: float) -> None:
+        self._child.observe(value)
+
+    def observe_many(self, values: npt.NDArray[Any]) -> None:
+        if values.size == 0:
+            return
+        if self._buckets is None or self._bounds is None or self._sum is None:
+            for v in values.tolist():
+                self._child.observe(v)
+            return
+        index = np.searchsorted(self._bounds, values, side="left")
+        counts = np.bincount(index, minlength=len(self._bounds))
+        self._sum.inc(float(values.sum()))
+        buckets = self._buckets
+        for i in np.flatnonzero(counts[: len(buckets)]).tolist():
+            buckets[i].inc(int(counts[i]))
+
+
+@dataclass(slots=True)
+class _RequestChildren:
+    requests: Any
+    images: Any
+    duration: Any
+
+
+@dataclass(slots=True)
+class _BatchChildren:
+    rows: _BulkHistogram
+    forward: _BulkHistogram
+    wait: _BulkHistogram
+    confidence: _BulkHistogram
+    predictions: tuple[Any, ...]
+
+
+def _add_process_collectors(registry: CollectorRegistry) -> None:
+    """process_* and python_* series, once per registry (the default one already has them)."""
+    # The default registry's collectors are module singletons; a fresh registry gets its own.
+    existing = set(getattr(registry, "_collector_to_names", {}))
+    if {PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR} & existing:
+        return
+    with contextlib.suppress(ValueError):  # already registered on this registry
+        ProcessCollector(registry=registry)
+    with contextlib.suppress(ValueError):
+        PlatformCollector(registry=registry)
+    with contextlib.suppress(ValueError):
+        GCCollector(registry=registry)
 
 
 class Metrics:
     """The service's metrics. `enabled=False` keeps the calls but records nothing."""
 
-    def __init__(self, registry: CollectorRegistry | None, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None,
+        *,
+        enabled: bool = True,
+        process_metrics: bool = True,
+    ) -> None:
         self.enabled = enabled and registry is not None
+        self.multiprocess = self.enabled and multiprocess_dir() is not None
         r = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = r
+        if self.enabled and process_metrics and not self.multiprocess:
+            # In multiprocess mode the exporter adds the serving process's own instead.
+            _add_process_collectors(r)
         self.requests = Counter(
             "mnist_requests", "RPCs finished, by method, model, version and gRPC code.",
             ["method", "model", "version", "code"], registry=r,
@@ -42,8 +187,9 @@ class Metrics:
             ["method", "model", "version", "code"], registry=r,
         )
         self.request_duration = Histogram(
-            "mnist_request_duration_seconds", "RPC time from receipt to reply, by method.",
-            ["method"], buckets=LATENCY_BUCKETS_S, registry=r,
+            "mnist_request_duration_seconds",
+            "RPC time from receipt to reply (end to end inside the server), by method and model.",
+            ["method", "model"], buckets=LATENCY_BUCKETS_S, registry=r,
         )
         self.queue_wait = Histogram(
             "mnist_batch_queue_wait_seconds", "Time a request waited in the batch queue.",
@@ -59,18 +205,21 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "mnist_batch_queue_rows", "Images waiting in the batch queue.", ["model"],
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )
         self.inflight = Gauge(
-            "mnist_inflight_requests", "RPCs being handled right now.", registry=r
+            "mnist_inflight_requests", "RPCs being handled right now.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.version_loaded = Gauge(
-            "mnist_model_version_loaded", "1 for each model version loaded and servable.",
-            ["model", "version"], registry=r,
+            "mnist_model_version_loaded",
+            "1 for each model version loaded and servable (info-style; 0 once unloaded "
+            "in multiprocess mode).",
+            ["model", "version"], registry=r, multiprocess_mode="livemax",
         )
         self.current_version = Gauge(
             "mnist_model_current_version", "The version a request naming none gets.", ["model"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )
         self.loads = Counter(
             "mnist_model_loads", "Version load attempts, by result (success, failure).",
@@ -93,6 +242,11 @@ class Metrics:
             "Top-class probability of each image answered, by version.",
             ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r,
         )
+        # Label children, created on first use and then found with one dict lookup.
+        self._request_children: dict[tuple[str, str, str, str], _RequestChildren] = {}
+        self._batch_children: dict[tuple[str, int], _BatchChildren] = {}
+        self._queue_children: dict[str, Any] = {}
+        self._children_lock = threading.Lock()
 
     @classmethod
     def disabled(cls) -> Metrics:
@@ -103,12 +257,30 @@ class Metrics:
     def request_done(
         self, method: str, model: str, version: str, code: str, images: int, duration_s: float
     ) -> None:
+        """One finished RPC. `version` is '' when the request failed before one was chosen."""
         if not self.enabled:
             return
-        self.requests.labels(method, model, version, code).inc()
+        key = (method, model, version, code)
+        c = self._request_children.get(key)
+        if c is None:
+            c = self._request_children_for(key)
+        c.requests.inc()
         if images:
-            self.images.labels(method, model, version, code).inc(images)
-        self.request_duration.labels(method).observe(duration_s)
+            c.images.inc(images)
+        c.duration.observe(duration_s)
+
+    def _request_children_for(self, key: tuple[str, str, str, str]) -> _RequestChildren:
+        with self._children_lock:
+            c = self._request_children.get(key)
+            if c is None:
+                method, model, _, _ = key
+                c = _RequestChildren(
+                    self.requests.labels(*key),
+                    self.images.labels(*key),
+                    self.request_duration.labels(method, model),
+                )
+                self._request_children[key] = c
+            return c
 
     # --- batcher
 
@@ -123,24 +295,48 @@ class Metrics:
         """One forward pass: rows, time, each request's wait, and what the model answered."""
         if not self.enabled:
             return
-        rows = probabilities.shape[0]
-        self.batch_rows.labels(model).observe(rows)
-        self.forward_duration.labels(model).observe(forward_s)
-        wait = self.queue_wait.labels(model)
-        for w in queue_waits_s:
-            wait.observe(w)
-        v = str(version)
+        c = self._batch_children.get((model, version))
+        if c is None:
+            c = self._batch_children_for(model, version)
+        c.rows.observe(probabilities.shape[0])
+        c.forward.observe(forward_s)
+        waits = (
+            queue_waits_s if isinstance(queue_waits_s, np.ndarray)
+            else np.fromiter(queue_waits_s, dtype=np.float64)
+        )
+        c.wait.observe_many(waits)
+        if probabilities.shape[0] == 0:
+            return
         counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
-        for cls, n in enumerate(counts.tolist()):
-            if n:
-                self.predictions.labels(model, v, str(cls)).inc(n)
-        confidence = self.confidence.labels(model, v)
-        for p in probabilities.max(axis=1).tolist():
-            confidence.observe(p)
+        predictions = c.predictions
+        for cls in np.flatnonzero(counts[:NUM_CLASSES]).tolist():
+            predictions[cls].inc(int(counts[cls]))
+        c.confidence.observe_many(probabilities.max(axis=1))
+
+    def _batch_children_for(self, model: str, version: int) -> _BatchChildren:
+        with self._children_lock:
+            c = self._batch_children.get((model, version))
+            if c is None:
+                v = str(version)
+                c = _BatchChildren(
+                    rows=_BulkHistogram(self.batch_rows.labels(model)),
+                    forward=_BulkHistogram(self.forward_duration.labels(model)),
+                    wait=_BulkHistogram(self.queue_wait.labels(model)),
+                    confidence=_BulkHistogram(self.confidence.labels(model, v)),
+                    predictions=tuple(
+                        self.predictions.labels(model, v, cls) for cls in _CLASS_LABELS
+                    ),
+                )
+                self._batch_children[(model, version)] = c
+            return c
 
     def set_queue_rows(self, model: str, rows: int) -> None:
-        if self.enabled:
-            self.queue_depth.labels(model).set(rows)
+        if not self.enabled:
+            return
+        child = self._queue_children.get(model)
+        if child is None:
+            child = self._queue_children.setdefault(model, self.queue_depth.labels(model))
+        child.set(rows)
 
     # --- registry
 
@@ -159,21 +355,82 @@ class Metrics:
         self.rejected.labels(model, reason).inc()
 
     def version_unloaded(self, model: str, version: int) -> None:
+        """Drop the version's series so dashboards show only what serves.
+
+        Multiprocess mode cannot remove a series (the value lives in a shared file): there the
+        loaded gauge drops to 0 and the version's counters stay, frozen.
+        """
         if not self.enabled:
             return
         v = str(version)
+        with self._children_lock:  # its cached children would point at removed series
+            self._batch_children.pop((model, version), None)
+        if self.multiprocess:
+            self.version_loaded.labels(model, v).set(0)
+            return
         for metric in (self.version_loaded, self.confidence):
             with contextlib.suppress(KeyError):
                 metric.remove(model, v)
-        for cls in range(NUM_CLASSES):
+        for cls in _CLASS_LABELS:
             with contextlib.suppress(KeyError):
-                self.predictions.remove(model, v, str(cls))
+                self.predictions.remove(model, v, cls)
 
     def set_current_version(self, model: str, version: int | None) -> None:
+        """`None`: the model no longer serves (0 in multiprocess mode, else no series)."""
         if not self.enabled:
             return
-        if version is None:
+        if version is not None:
+            self.current_version.labels(model).set(version)
+        elif self.multiprocess:
+            self.current_version.labels(model).set(0)
+        else:
             with contextlib.suppress(KeyError):
                 self.current_version.remove(model)
-        else:
-            self.current_version.labels(model).set(version)
+
+
+# --- the /metrics endpoint
+
+
+def exposition_registry(metrics: Metrics | None) -> CollectorRegistry:
+    """What /metrics serves: this process's registry, or every worker's values merged."""
+    directory = multiprocess_dir()
+    if directory is None:
+        if metrics is None:
+            raise ValueError("single-process exporter needs the Metrics it serves")
+        return metrics.registry
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    _add_process_collectors(registry)  # the exporting process's own process_*/python_*
+    return registry
+
+
+@dataclass(frozen=True, slots=True)
+class Exporter:
+    """A running /metrics HTTP endpoint; `stop()` closes it and waits for its thread."""
+
+    host: str
+    port: int
+    _server: Any
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_exporter(settings: Settings, metrics: Metrics | None) -> Exporter | None:
+    """Serve /metrics on settings.metrics_host:metrics_port (0 picks a free port).
+
+    Returns None when metrics are disabled. In multiprocess mode `metrics` may be None: the
+    parent exports the workers' merged values.
+    """
+    if not settings.metrics_enabled:
+        return None
+    registry = exposition_registry(metrics)
+    server, thread = start_http_server(
+        settings.metrics_port, addr=settings.metrics_host, registry=registry
+    )
+    port = int(server.server_port)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+    return Exporter(settings.metrics_host, port, server, thread)
