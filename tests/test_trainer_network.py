@@ -11,7 +11,15 @@ import pytest
 
 from service.model import forward
 from trainer.augment import random_shift
-from trainer.network import Architecture, Params, backward, forward_cache, init_params, loss, one_hot
+from trainer.network import (
+    Architecture,
+    Params,
+    backward,
+    forward_cache,
+    init_params,
+    loss,
+    one_hot,
+)
 from trainer.optim import SGD, Adam, Momentum, learning_rate, make_optimizer
 
 OUTPUT_COSTS = [("softmax", "cross_entropy"), ("sigmoid", "mse"),
