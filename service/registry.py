@@ -1,11 +1,19 @@
 """Versions on disk -> loaded, validated, immutable versions; the hot swap.
 
 The repository is `<model_dir>/<name>/<integer version>/`; any other name (the trainer's
-`.tmp-*` directories, editor droppings) is ignored. A scan loads new versions off the event
-loop, validates them fully, and only then swaps one reference to make them servable. A batch
-that already holds a `ServableVersion` keeps using it; it is freed when the last holder drops
-it. A version that fails validation is remembered with its file signature and not retried
-until its files change.
+`.tmp-*` directories, editor droppings) is ignored. A scan decides, per model, which versions
+should be loaded (the version policy, plus versions pinned by a label, an admin LoadVersion or
+an admin SetCurrentVersion), loads the missing ones off the event loop, validates them fully,
+and only then swaps one reference (`_Snapshot`) that every request reads. A batch that already
+holds a `ServableVersion` keeps using it; it is freed when the last holder drops it.
+
+A version that fails validation is remembered with its file signature and not retried until
+its files change. A loaded version whose directory disappears stays servable until the scan
+has loaded whatever replaces it (availability first, like TF Serving's
+availability-preserving policy), then it is released.
+
+Every mutation happens under one asyncio lock (scans and admin calls queue behind each
+other); the request path (`resolve`) reads one reference and never awaits or locks.
 """
 
 from __future__ import annotations
@@ -14,15 +22,24 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from service.errors import NotFound, Unavailable
+from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from service.metrics import Metrics
 from service.model import CHECKSUM_FILE, WEIGHTS_FILE, Model, ModelFormatError, load_model
+from service.version_policy import (
+    Policies,
+    check_label,
+    parse_labels,
+    parse_policies,
+    wanted_by_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +64,13 @@ class ServableVersion:
 
 @dataclass(frozen=True, slots=True)
 class VersionStatus:
+    """`reason` is the short slug of a failure (a metric label); `detail` the full message."""
+
     version: int
     state: VersionState
     reason: str = ""
+    detail: str = ""
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +79,9 @@ class ModelStatus:
     current_version: int | None
     versions: tuple[VersionStatus, ...]
     labels: Mapping[str, int] = field(default_factory=dict)
+    policy: str = "latest"
+    # True while an admin SetCurrentVersion overrides the policy's choice.
+    current_pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +90,80 @@ class _Snapshot:
 
     servable: Mapping[str, Mapping[int, ServableVersion]]
     current: Mapping[str, int]
+    labels: Mapping[str, Mapping[str, int]]
 
 
-_Signature = tuple[tuple[str, int, int], ...]
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    signature: _Signature
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Override:
+    """An admin SetCurrentVersion: holds until cleared or a version newer than `newest` loads."""
+
+    version: int
+    newest: int
+
+
+_Signature = tuple[object, ...]
+
+_EMPTY = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
 
 
 def _signature(directory: Path) -> _Signature:
-    """What identifies the files of a version: names, sizes, mtimes."""
-    out = []
+    """What identifies the files of a version: where they really are, inode, size, times.
+
+    The inode and ctime catch a directory deleted and republished under the same number
+    within one mtime tick; the real path catches a symlink re-pointed elsewhere.
+    """
+    out: list[object] = [os.path.realpath(directory)]
     for name in (WEIGHTS_FILE, CHECKSUM_FILE):
         try:
             st = (directory / name).stat()
-            out.append((name, st.st_size, st.st_mtime_ns))
+            out.append((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         except OSError:
-            out.append((name, -1, -1))
+            out.append((name, None))
     return tuple(out)
+
+
+def _load_inside(root: Path, directory: Path) -> Model:
+    """load_model, refusing anything whose real path leaves the repository (symlinks).
+
+    A repository is often a shared volume; a version that links to /etc or another
+    tenant's files must not be read, whatever those files contain.
+    """
+    real_root = root.resolve()
+    for p in (directory, directory / WEIGHTS_FILE, directory / CHECKSUM_FILE):
+        real = p.resolve()
+        if not real.is_relative_to(real_root):
+            raise ModelFormatError(
+                "unsafe_path",
+                f"{p} resolves to {real}, outside the model repository {real_root}",
+            )
+    return load_model(directory)
+
+
+def _on_disk(root: Path) -> dict[str, dict[int, Path]]:
+    """{model: {version: path}} for every integer-named version directory (blocking I/O)."""
+    found: dict[str, dict[int, Path]] = {}
+    try:
+        model_dirs = [p for p in root.iterdir() if p.is_dir()]
+    except OSError as e:
+        log.warning("cannot read model repository %s: %s", root, e)
+        return found
+    for model_dir in model_dirs:
+        if model_dir.name.startswith("."):
+            continue
+        versions: dict[int, Path] = {}
+        with contextlib.suppress(OSError):
+            for v in model_dir.iterdir():
+                if v.name.isascii() and v.name.isdigit() and int(v.name) > 0 and v.is_dir():
+                    versions[int(v.name)] = v
+        found[model_dir.name] = versions
+    return found
 
 
 class ModelRegistry:
@@ -94,16 +177,29 @@ class ModelRegistry:
         rescan_interval_s: float = 2.0,
         default_model: str | None = None,
         on_change: Callable[[], None] | None = None,
+        version_policy: str = "latest",
+        version_labels: str = "",
     ) -> None:
         self._dir = model_dir
         self._metrics = metrics
         self._interval = rescan_interval_s
         self._default_model = default_model
         self._on_change = on_change
-        self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}))
-        self._failed: dict[tuple[str, int], tuple[_Signature, str]] = {}
+        # Bad syntax fails here, at startup, with a ValueError naming the flag.
+        self._policies: Policies = parse_policies(version_policy)
+        self._labels: dict[str, dict[str, int]] = parse_labels(version_labels)
+        self._snapshot = _EMPTY
+        self._disk: dict[str, dict[int, Path]] = {}
+        self._signatures: dict[tuple[str, int], _Signature] = {}
+        self._failed: dict[tuple[str, int], _Failure] = {}
+        self._loading: set[tuple[str, int]] = set()
+        self._admin_loaded: set[tuple[str, int]] = set()
+        self._admin_unloaded: set[tuple[str, int]] = set()
+        self._overrides: dict[str, _Override] = {}
         self._scan_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._hup_task: asyncio.Task[None] | None = None
+        self._hup_loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle
 
@@ -114,92 +210,166 @@ class ModelRegistry:
             self._task = asyncio.create_task(self._rescan_forever(), name="registry-rescan")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._hup_loop is not None:
+            with contextlib.suppress(Exception):
+                self._hup_loop.remove_signal_handler(signal.SIGHUP)
+            self._hup_loop = None
+        for task in (self._task, self._hup_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._hup_task = None
+
+    def install_sighup_handler(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Rescan when the process gets SIGHUP (`kill -HUP`, `docker kill -s HUP`)."""
+        loop = loop or asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self._hup_loop = loop
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: rescanning the model repository")
+        if self._hup_task is None or self._hup_task.done():
+            self._hup_task = asyncio.create_task(self._rescan_logged(), name="registry-sighup")
 
     async def _rescan_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                await self.rescan()
-            except Exception:  # a scan must never kill the loop that keeps serving
-                log.exception("repository rescan failed; will retry")
+            await self._rescan_logged()
+
+    async def _rescan_logged(self) -> None:
+        try:
+            await self.rescan()
+        except Exception:  # a scan must never kill the loop that keeps serving
+            log.exception("repository rescan failed; will retry")
 
     # --- scanning and loading
-
-    def _on_disk(self) -> dict[str, dict[int, Path]]:
-        found: dict[str, dict[int, Path]] = {}
-        try:
-            model_dirs = [p for p in self._dir.iterdir() if p.is_dir()]
-        except OSError as e:
-            log.warning("cannot read model repository %s: %s", self._dir, e)
-            return found
-        for model_dir in model_dirs:
-            if model_dir.name.startswith("."):
-                continue
-            versions: dict[int, Path] = {}
-            with contextlib.suppress(OSError):
-                for v in model_dir.iterdir():
-                    if v.name.isdigit() and v.is_dir() and int(v.name) > 0:
-                        versions[int(v.name)] = v
-            if versions:
-                found[model_dir.name] = versions
-        return found
 
     async def rescan(self) -> None:
         """Bring the loaded set in line with the disk; serving continues throughout."""
         async with self._scan_lock:
-            disk = self._on_disk()
-            old = self._snapshot
-            servable: dict[str, Mapping[int, ServableVersion]] = {}
-            current: dict[str, int] = {}
-            for name, versions in disk.items():
-                loaded = old.servable.get(name, {})
-                kept: dict[int, ServableVersion] = {
-                    v: sv for v, sv in loaded.items() if v in versions
-                }
-                # Policy 'latest': the newest version that validates serves.
-                for v in sorted(versions, reverse=True):
-                    if v in kept:
-                        break
-                    fresh = await self._load(name, v, versions[v])
-                    if fresh is not None:
-                        kept = {v: fresh}
-                        break
-                if kept:
-                    servable[name] = MappingProxyType(kept)
-                    current[name] = max(kept)
-            self._snapshot = _Snapshot(MappingProxyType(servable), MappingProxyType(current))
-            self._publish_changes(old, self._snapshot)
+            await self._rescan_locked()
 
-    async def _load(self, name: str, version: int, path: Path) -> ServableVersion | None:
-        sig = _signature(path)
+    async def _rescan_locked(self) -> None:
+        disk = await asyncio.to_thread(_on_disk, self._dir)
+        self._disk = disk
+        old = self._snapshot
+        servable: dict[str, Mapping[int, ServableVersion]] = {}
+        current: dict[str, int] = {}
+        labels: dict[str, Mapping[str, int]] = {}
+        for name in sorted(set(disk) | set(old.servable)):
+            on_disk = disk.get(name, {})
+            kept = await self._scan_model(name, on_disk, old.servable.get(name, {}))
+            if not kept:
+                continue
+            servable[name] = MappingProxyType(kept)
+            current[name] = self._choose_current(name, on_disk, kept)
+            labels[name] = MappingProxyType(
+                {k: v for k, v in self._labels.get(name, {}).items() if v in kept}
+            )
+        # Forget failures of directories that are gone: a new one with that number is new.
+        for key in [k for k in self._failed if k[1] not in disk.get(k[0], {})]:
+            del self._failed[key]
+        new = _Snapshot(
+            MappingProxyType(servable), MappingProxyType(current), MappingProxyType(labels)
+        )
+        self._snapshot = new  # the swap: one reference assignment
+        self._publish_changes(old, new)
+
+    async def _scan_model(
+        self, name: str, on_disk: Mapping[int, Path], loaded: Mapping[int, ServableVersion]
+    ) -> dict[int, ServableVersion]:
+        """The versions of one model to keep or load now, by policy and pins."""
+        policy = self._policies.for_model(name)
+        excluded = {v for (n, v) in self._admin_unloaded if n == name}
+        kept: dict[int, ServableVersion] = {}
+        for v in wanted_by_policy(policy, set(on_disk), excluded):
+            if policy.kind == "latest" and len(kept) >= policy.count:
+                break
+            sv = await self._get(name, v, on_disk[v], loaded)
+            if sv is not None:
+                kept[v] = sv
+        pinned = {v for (n, v) in self._admin_loaded if n == name}
+        pinned |= set(self._labels.get(name, {}).values())
+        if name in self._overrides:
+            pinned.add(self._overrides[name].version)
+        for v in sorted(pinned & set(on_disk) - set(kept)):
+            sv = await self._get(name, v, on_disk[v], loaded)
+            if sv is not None:
+                kept[v] = sv
+        if not kept and loaded:
+            # Nothing on disk validates any more: keep serving what we have rather than
+            # nothing, as long as its directory still exists (it was valid when loaded).
+            kept = {v: sv for v, sv in loaded.items() if v in on_disk}
+        return kept
+
+    async def _get(
+        self, name: str, version: int, path: Path, loaded: Mapping[int, ServableVersion]
+    ) -> ServableVersion | None:
+        """The loaded version if its files are unchanged, else a fresh load (None: failed)."""
+        sig = await asyncio.to_thread(_signature, path)
+        sv = loaded.get(version)
+        if sv is not None and self._signatures.get((name, version)) == sig:
+            return sv
         failed = self._failed.get((name, version))
-        if failed is not None and failed[0] == sig:
+        if failed is not None and failed.signature == sig:
             return None
+        return await self._load(name, version, path, sig)
+
+    async def _load(
+        self, name: str, version: int, path: Path, sig: _Signature
+    ) -> ServableVersion | None:
+        key = (name, version)
+        self._loading.add(key)
         start = time.perf_counter()
         try:
-            model = await asyncio.to_thread(load_model, path)
+            model = await asyncio.to_thread(_load_inside, self._dir, path)
         except ModelFormatError as e:
             elapsed = time.perf_counter() - start
-            self._failed[(name, version)] = (sig, str(e))
+            self._failed[key] = _Failure(sig, e.reason, str(e))
             self._metrics.version_failed(name, version, e.reason, elapsed)
             log.error("model %s version %d rejected (%s): %s", name, version, e.reason, e)
             return None
+        finally:
+            self._loading.discard(key)
         elapsed = time.perf_counter() - start
-        self._failed.pop((name, version), None)
+        self._failed.pop(key, None)
+        self._signatures[key] = sig
         self._metrics.version_available(name, version, elapsed)
         log.info("model %s version %d loaded in %.3f s", name, version, elapsed)
         return ServableVersion(name, version, model, path, time.time())
 
+    def _choose_current(
+        self, name: str, on_disk: Mapping[int, Path], kept: Mapping[int, ServableVersion]
+    ) -> int:
+        """The admin override while it holds, else the policy's newest loaded version."""
+        override = self._overrides.get(name)
+        if override is not None:
+            if override.version not in kept:
+                log.warning(
+                    "model %s: pinned current version %d is gone; back to the policy",
+                    name, override.version,
+                )
+                del self._overrides[name]
+            elif max(kept) > override.newest:
+                log.info(
+                    "model %s: version %d was published after the pin to %d; serving it",
+                    name, max(kept), override.version,
+                )
+                del self._overrides[name]
+            else:
+                return override.version
+        policy = self._policies.for_model(name)
+        by_policy = [v for v in kept if policy.kind == "latest" or v in policy.versions]
+        return max(by_policy or kept)
+
     def _publish_changes(self, old: _Snapshot, new: _Snapshot) -> None:
         for name, versions in old.servable.items():
-            for v in versions:
-                if v not in new.servable.get(name, {}):
-                    self._metrics.version_unloaded(name, v)
+            for v, sv in versions.items():
+                if new.servable.get(name, {}).get(v) is not sv:
+                    if v not in new.servable.get(name, {}):
+                        self._signatures.pop((name, v), None)
+                        self._metrics.version_unloaded(name, v)
                     log.info("model %s version %d unloaded", name, v)
         for name in set(old.current) | set(new.current):
             if old.current.get(name) != new.current.get(name):
@@ -226,13 +396,28 @@ class ModelRegistry:
             raise Unavailable("no model is loaded yet")
         raise NotFound(f"several models are served ({sorted(snap.current)}): name one")
 
-    def resolve(self, model: str = "", version: int = 0) -> ServableVersion:
-        """The version that answers a request; '' and 0 mean the default model and current."""
+    def resolve(self, model: str = "", version: int = 0, label: str = "") -> ServableVersion:
+        """The version that answers a request: a number, else a label, else the current one."""
         snap = self._snapshot
         name = model or self.default_model()
         versions = snap.servable.get(name)
         if versions is None:
             raise NotFound(f"unknown model {name!r}; served models: {sorted(snap.servable)}")
+        if version < 0:
+            raise InvalidInput(f"version must be a positive number or 0 (current), got {version}")
+        if label and not version:  # a number is exact, so it wins when both are given
+            v = snap.labels[name].get(label)
+            if v is None:
+                wanted = self._labels.get(name, {}).get(label)
+                if wanted is not None:
+                    raise Unavailable(
+                        f"label {label!r} of model {name!r} points at version {wanted}, "
+                        "which is not loaded"
+                    )
+                raise NotFound(
+                    f"model {name!r} has no label {label!r}; labels: {sorted(snap.labels[name])}"
+                )
+            return versions[v]
         v = version or snap.current[name]
         sv = versions.get(v)
         if sv is None:
@@ -241,18 +426,188 @@ class ModelRegistry:
             )
         return sv
 
+    # --- status (no I/O: what the last scan saw)
+
     def status(self) -> list[ModelStatus]:
         """What is on disk and in memory, for ListModels and the admin API."""
         snap = self._snapshot
         out = []
-        for name, versions in sorted(self._on_disk().items()):
+        for name in sorted(set(self._disk) | set(snap.servable)):
+            loaded = snap.servable.get(name, {})
+            label_map = dict(snap.labels.get(name, {}))
+            wanted_labels = self._labels.get(name, {})
             rows = []
-            for v in sorted(versions):
-                if v in snap.servable.get(name, {}):
-                    rows.append(VersionStatus(v, VersionState.AVAILABLE))
-                elif (name, v) in self._failed:
-                    rows.append(VersionStatus(v, VersionState.FAILED, self._failed[(name, v)][1]))
+            for v in sorted(set(self._disk.get(name, {})) | set(loaded)):
+                names = tuple(sorted(k for k, t in wanted_labels.items() if t == v))
+                failure = self._failed.get((name, v))
+                if (name, v) in self._loading:
+                    rows.append(VersionStatus(v, VersionState.LOADING, labels=names))
+                elif v in loaded:
+                    rows.append(VersionStatus(v, VersionState.AVAILABLE, labels=names))
+                elif failure is not None:
+                    rows.append(
+                        VersionStatus(
+                            v, VersionState.FAILED, failure.reason, failure.detail, names
+                        )
+                    )
+                elif (name, v) in self._admin_unloaded:
+                    rows.append(
+                        VersionStatus(
+                            v, VersionState.UNLOADED, "admin_unloaded",
+                            "unloaded by an admin call; LoadVersion brings it back", names,
+                        )
+                    )
                 else:
-                    rows.append(VersionStatus(v, VersionState.UNLOADED))
-            out.append(ModelStatus(name, snap.current.get(name), tuple(rows)))
+                    rows.append(VersionStatus(v, VersionState.UNLOADED, labels=names))
+            out.append(
+                ModelStatus(
+                    name,
+                    snap.current.get(name),
+                    tuple(rows),
+                    MappingProxyType(label_map),
+                    str(self._policies.for_model(name)),
+                    name in self._overrides,
+                )
+            )
         return out
+
+    def model_status(self, name: str) -> ModelStatus:
+        for s in self.status():
+            if s.name == name:
+                return s
+        raise NotFound(f"unknown model {name!r}; models: {[s.name for s in self.status()]}")
+
+    # --- admin actions (each rescans under the lock, so it sees the disk as it is now)
+
+    def _version_on_disk(self, name: str, version: int) -> None:
+        if version < 1:
+            raise InvalidInput(f"version must be a positive integer, got {version}")
+        if name not in self._disk:
+            raise NotFound(f"unknown model {name!r}; models: {sorted(self._disk)}")
+        if version not in self._disk[name]:
+            raise NotFound(
+                f"model {name!r} has no version {version} on disk; "
+                f"versions: {sorted(self._disk[name])}"
+            )
+
+    async def _require_available(
+        self, name: str, version: int, undo: Callable[[], None]
+    ) -> None:
+        """After an admin change that needs `version` loaded: undo it if the load failed."""
+        if version in self._snapshot.servable.get(name, {}):
+            return
+        failure = self._failed.get((name, version))
+        undo()
+        await self._rescan_locked()
+        failure = failure or self._failed.get((name, version))
+        why = f"{failure.reason}: {failure.detail}" if failure else "it is not on disk"
+        raise FailedPrecondition(f"model {name!r} version {version} did not load ({why})")
+
+    async def load_version(self, name: str, version: int) -> ModelStatus:
+        """Load a version and keep it loaded, whatever the policy, until UnloadVersion.
+
+        An explicit load retries a version that failed before, even if its files did not
+        change: the operator asked.
+        """
+        async with self._scan_lock:
+            self._disk = await asyncio.to_thread(_on_disk, self._dir)
+            self._version_on_disk(name, version)
+            key = (name, version)
+            self._admin_unloaded.discard(key)
+            self._admin_loaded.add(key)
+            self._failed.pop(key, None)
+            await self._rescan_locked()
+            await self._require_available(name, version, lambda: self._admin_loaded.discard(key))
+        return self.model_status(name)
+
+    async def unload_version(self, name: str, version: int) -> ModelStatus:
+        """Release a version and keep the policy from loading it again until LoadVersion."""
+        async with self._scan_lock:
+            loaded = self._snapshot.servable.get(name, {})
+            if version not in loaded:
+                raise FailedPrecondition(
+                    f"model {name!r} version {version} is not loaded; loaded: {sorted(loaded)}"
+                )
+            if len(loaded) == 1:
+                raise FailedPrecondition(
+                    f"version {version} is the only loaded version of {name!r}; unloading it "
+                    "would leave nothing to serve (load another first)"
+                )
+            pointing = sorted(k for k, v in self._labels.get(name, {}).items() if v == version)
+            if pointing:
+                raise FailedPrecondition(
+                    f"labels {pointing} point at {name!r} version {version}; move them first"
+                )
+            override = self._overrides.get(name)
+            if override is not None and override.version == version:
+                raise FailedPrecondition(
+                    f"{name!r} version {version} is pinned as current; SetCurrentVersion "
+                    "to another version (or 0 to clear the pin) first"
+                )
+            key = (name, version)
+            self._admin_loaded.discard(key)
+            self._admin_unloaded.add(key)
+            await self._rescan_locked()
+        return self.model_status(name)
+
+    async def set_current_version(self, name: str, version: int) -> ModelStatus:
+        """Pin the current version (0 clears the pin and returns to the policy).
+
+        The pin holds until it is cleared, its version disappears, or a version newer than
+        every version on disk at pin time loads: a rollback survives the bad version staying
+        on disk, and the next publish moves everyone forward again.
+        """
+        async with self._scan_lock:
+            self._disk = await asyncio.to_thread(_on_disk, self._dir)
+            if version == 0:
+                if self._overrides.pop(name, None) is None and name not in self._disk:
+                    raise NotFound(f"unknown model {name!r}; models: {sorted(self._disk)}")
+                await self._rescan_locked()
+                return self.model_status(name)
+            self._version_on_disk(name, version)
+            key = (name, version)
+            self._admin_unloaded.discard(key)
+            self._failed.pop(key, None)
+            previous = self._overrides.get(name)
+            self._overrides[name] = _Override(version, max(self._disk[name]))
+            await self._rescan_locked()
+
+            def undo() -> None:
+                if previous is None:
+                    self._overrides.pop(name, None)
+                else:
+                    self._overrides[name] = previous
+
+            await self._require_available(name, version, undo)
+        return self.model_status(name)
+
+    async def set_label(self, name: str, label: str, version: int) -> ModelStatus:
+        """Point a label at a version (loading it if needed); version 0 removes the label."""
+        try:
+            check_label(label)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        async with self._scan_lock:
+            self._disk = await asyncio.to_thread(_on_disk, self._dir)
+            labels = self._labels.setdefault(name, {})
+            previous = labels.get(label)
+            if version == 0:
+                if previous is None:
+                    raise NotFound(f"model {name!r} has no label {label!r}; labels: {labels}")
+                del labels[label]
+                await self._rescan_locked()
+                return self.model_status(name)
+            self._version_on_disk(name, version)
+            self._admin_unloaded.discard((name, version))
+            self._failed.pop((name, version), None)
+            labels[label] = version
+            await self._rescan_locked()
+
+            def undo() -> None:
+                if previous is None:
+                    labels.pop(label, None)
+                else:
+                    labels[label] = previous
+
+            await self._require_available(name, version, undo)
+        return self.model_status(name)
