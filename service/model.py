@@ -285,6 +285,10 @@ def _read_npz(data: bytes, path: Path, max_bytes: int) -> dict[str, np.ndarray[A
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
+        if data.startswith(b"PK\x03\x04"):  # starts like a zip but its directory is gone
+            raise ModelFormatError(
+                "truncated", f"{path}: zip archive cut short ({len(data)} bytes)"
+            ) from None
         raise ModelFormatError("not_npz", f"{path}: not a zip archive (npz)") from None
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     try:
@@ -300,7 +304,7 @@ def _read_npz(data: bytes, path: Path, max_bytes: int) -> dict[str, np.ndarray[A
                         "too_large", f"{path}: member {name} declares {info.file_size} bytes"
                     )
                 with zf.open(info) as f:
-                    arrays[name] = _read_member(f, info.file_size, name, path)
+                    arrays[name] = _read_member(f, info.file_size, name, path, max_bytes)
     except ModelFormatError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
@@ -308,7 +312,9 @@ def _read_npz(data: bytes, path: Path, max_bytes: int) -> dict[str, np.ndarray[A
     return arrays
 
 
-def _read_member(f: Any, size: int, name: str, path: Path) -> np.ndarray[Any, Any]:
+def _read_member(
+    f: Any, size: int, name: str, path: Path, max_bytes: int
+) -> np.ndarray[Any, Any]:
     version = np.lib.format.read_magic(f)
     read_header = {
         (1, 0): np.lib.format.read_array_header_1_0,
@@ -322,6 +328,12 @@ def _read_member(f: Any, size: int, name: str, path: Path) -> np.ndarray[Any, An
             "pickle", f"{path}: {name} is an object array, which would need pickle to load"
         )
     declared = math.prod(shape) * dtype.itemsize
+    if declared > max_bytes:
+        raise ModelFormatError(
+            "too_large",
+            f"{path}: {name} declares shape {shape} ({declared} bytes), more than the "
+            f"{max_bytes} allowed",
+        )
     if declared != size - f.tell():
         raise ModelFormatError(
             "corrupt",
@@ -408,6 +420,11 @@ def _validate(model: Model, path: Path | str = "<model>", declared_sizes: Any = 
         raise ModelFormatError("shape", f"{path}: needs one bias per weight matrix")
     prev = INPUT_SIZE
     for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
+        if i == 0 and (w.ndim != 2 or w.shape[0] != INPUT_SIZE):
+            raise ModelFormatError(
+                "input_size",
+                f"{path}: W0 must take {INPUT_SIZE} inputs (28x28 pixels), got shape {w.shape}",
+            )
         if w.ndim != 2 or w.shape[0] != prev:
             raise ModelFormatError(
                 "shape", f"{path}: W{i} must have shape ({prev}, n), got {w.shape}"
