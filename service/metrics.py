@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,15 +68,16 @@ def multiprocess_dir() -> Path | None:
 
 
 def prepare_multiprocess(directory: Path) -> None:
-    """In the parent, before starting workers: an empty shared directory, named in the env.
+    """In the parent, before starting workers: a shared directory without old values, in the env.
 
     prometheus_client picks its value storage when it is first imported, so workers must be
     fresh interpreters (spawned, or exec'd) that inherit this environment variable; files left
-    by a previous run are removed so old counts do not leak into the new one.
+    by a previous run are removed so old counts do not leak into the new one
+    (only `*.db` files are removed: the directory may be an operator's volume).
     """
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
     os.environ[MULTIPROC_ENV] = str(directory)
 
 

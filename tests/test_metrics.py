@@ -261,11 +261,12 @@ def test_multiprocess_values_add_up_and_dead_workers_leave_no_gauges(
     monkeypatch.delenv(metrics_mod.MULTIPROC_ENV, raising=False)
     # prepare_multiprocess writes os.environ; monkeypatch restores it after the test.
     monkeypatch.setenv(metrics_mod.MULTIPROC_ENV, "")
-    (directory / "stale.db").parent.mkdir(parents=True)
+    directory.mkdir()
     (directory / "counter_999.db").write_bytes(b"left by an old run")
+    (directory / "README").write_text("an operator's file: not ours to delete")
     metrics_mod.prepare_multiprocess(directory)
     assert os.environ[metrics_mod.MULTIPROC_ENV] == str(directory)
-    assert list(directory.iterdir()) == []
+    assert [p.name for p in directory.iterdir()] == ["README"]
 
     env = dict(os.environ)
     workers = [
