@@ -81,10 +81,15 @@ def decode_pixels(request: pb.ClassifyRequest, max_images: int) -> Array:
     if encoding == pb.ENCODING_UINT8:
         return pixels_to_input(arr)
     x: Array = arr.astype(np.float32, copy=False)
+    check_unit_range(x)
+    return x
+
+
+def check_unit_range(x: Array) -> None:
+    """Float pixels must be finite and in 0..1; the one rule, shared with the v2 API (oip.py)."""
     lo, hi = float(x.min()), float(x.max())  # NaN propagates into both
     if not (lo >= 0.0 and hi <= 1.0):
         raise _range_error(x)
-    return x
 
 
 def _range_error(x: Array) -> InvalidInput:
