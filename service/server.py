@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from service import oip
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
@@ -145,7 +146,10 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     services = [classifier.SERVICE_NAME, health.SERVICE_NAME]
     # --- other servicers register here (each helper adds its own line):
     # service.admin.add_to_server(...)   (helper "versions")
-    # service.oip.add_to_server(...)     (helper "oip")
+    oip.add_to_server(
+        server, registry=registry, batcher=batcher, metrics=metrics, settings=settings
+    )
+    services.append(oip.SERVICE_NAME)
     # --- end of servicer registrations
     services.append(reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
