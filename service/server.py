@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service import oip
+from service import admin, oip
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
@@ -51,6 +51,7 @@ class RunningServer:
     metrics: Metrics
     health: health.aio.HealthServicer
     metrics_port: int | None = None
+    admin: admin.AdminEndpoint | None = None
     _stopping: bool = False
     _closers: list[Any] = field(default_factory=list)
 
@@ -62,6 +63,8 @@ class RunningServer:
         log.info("event=stopping grace_s=%s", grace_s)
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace_s)
+        if self.admin is not None:
+            await self.admin.stop(grace_s)
         await self.batcher.close()
         await self.registry.close()
         for close in self._closers:
@@ -145,7 +148,11 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [classifier.SERVICE_NAME, health.SERVICE_NAME]
     # --- other servicers register here (each helper adds its own line):
-    # service.admin.add_to_server(...)   (helper "versions")
+    admin_endpoint = admin.add_to_server(
+        server, registry, settings, metrics=metrics, credentials=_credentials(settings)
+    )
+    if admin_endpoint is not None and admin_endpoint.server is None:
+        services.append(admin.SERVICE_NAME)
     oip.add_to_server(
         server, registry=registry, batcher=batcher, metrics=metrics, settings=settings
     )
@@ -166,11 +173,13 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
+    if admin_endpoint is not None:
+        await admin_endpoint.start()
     log.info("event=listening address=%s port=%d tls=%s batching=%s models=%s pid=%d",
              settings.host, port, creds is not None, settings.batching,
              [s.name for s in registry.status()], os.getpid())
     running = RunningServer(server, port, registry, batcher, metrics, health_servicer,
-                            metrics_port, _closers=closers)
+                            metrics_port, admin_endpoint, _closers=closers)
 
     original_stop = running.stop
 
@@ -186,6 +195,7 @@ async def _serve_async(settings: Settings) -> None:
     running = await start_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
