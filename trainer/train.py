@@ -229,7 +229,8 @@ def train(
                            time.perf_counter() - t0)
         history.append(stats)
         progress(stats)
-        if val_acc > best.best_validation_accuracy:
+        # Ties go to the later epoch: under a decaying schedule its weights are more settled.
+        if val_acc >= best.best_validation_accuracy:
             best = TrainResult(params.copy(), epoch, val_acc)
             since_best = 0
         else:
