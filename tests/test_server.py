@@ -1,0 +1,300 @@
+"""The whole server for real: concurrency, health, reflection, overload, fuzz, TLS, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from conftest import (
+    ServerThread,
+    make_model,
+    probabilities,
+    uint8_request,
+    write_version,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from service.model import pixels_to_input
+from service.pb.mnist.v1 import classifier_pb2 as pb
+from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_64_concurrent_clients_each_get_their_own_answer(server: ServerThread) -> None:
+    model = make_model(seed=1)
+    inputs = [np.random.default_rng(i).integers(0, 256, (1 + i % 4, 784), dtype=np.uint8)
+              for i in range(64)]
+
+    async def clients() -> list[pb.ClassifyResponse]:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            out: list[pb.ClassifyResponse] = []
+            for _ in range(3):
+                out = await asyncio.gather(*(stub.Classify(uint8_request(x, request_id=str(i)),
+                                                           timeout=20)
+                                             for i, x in enumerate(inputs)))
+            return out
+
+    responses = asyncio.run(clients())
+    for i, (x, r) in enumerate(zip(inputs, responses, strict=True)):
+        assert r.request_id == str(i)
+        np.testing.assert_allclose(probabilities(r), model.predict(pixels_to_input(x)),
+                                   rtol=1e-5, atol=1e-6)
+    forwards = server.sample("mnist_batch_rows_count", {"model": "mnist"})
+    assert forwards < 3 * 64, f"{forwards} forwards for 192 concurrent requests: no batching"
+    assert server.sample("mnist_requests_total", {"method": "Classify", "model": "mnist",
+                                                  "version": "1", "code": "OK"}) == 192
+
+
+def health_status(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as ch:
+        return int(health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+
+def wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_health_follows_the_repository(tmp_path: Path, start: Any) -> None:
+    server: ServerThread = start(tmp_path)
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert health_status(server.target) == not_serving
+    assert health_status(server.target, "mnist.v1.Classifier") == not_serving
+    write_version(tmp_path, "mnist", 1, make_model(seed=1))
+    wait_for(lambda: health_status(server.target) == serving)
+    assert health_status(server.target, "mnist.v1.Classifier") == serving
+    import shutil
+    shutil.rmtree(tmp_path / "mnist")
+    wait_for(lambda: health_status(server.target) == not_serving)
+
+
+def test_reflection_lists_the_services(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"mnist.v1.Classifier", "grpc.health.v1.Health"} <= services
+        assert db.FindFileContainingSymbol("mnist.v1.Classifier").name == \
+            "mnist/v1/classifier.proto"
+
+
+def test_full_queue_is_resource_exhausted(model_repo: Path, start: Any) -> None:
+    server: ServerThread = start(model_repo, max_queue_rows=300, max_images_per_request=256)
+    big = np.random.default_rng(0).integers(0, 256, (200, 784), dtype=np.uint8)
+
+    async def flood() -> Counter[str]:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            results = await asyncio.gather(*(stub.Classify(uint8_request(big), timeout=30)
+                                             for _ in range(40)), return_exceptions=True)
+        codes: Counter[str] = Counter()
+        for r in results:
+            codes["OK" if isinstance(r, pb.ClassifyResponse) else r.code().name] += 1  # type: ignore[union-attr]
+            if isinstance(r, grpc.aio.AioRpcError):
+                assert "queue full" in (r.details() or "")
+        return codes
+
+    codes = asyncio.run(flood())
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+    with grpc.insecure_channel(server.target) as ch:
+        assert len(pb_grpc.ClassifierStub(ch).Classify(uint8_request(big), timeout=10)
+                   .predictions) == 200
+
+
+def _mutations(rng: np.random.Generator, n: int) -> list[bytes]:
+    valid = [
+        uint8_request(rng.integers(0, 256, (k, 784), dtype=np.uint8), request_id="x")
+        .SerializeToString() for k in (1, 2)
+    ] + [pb.ClassifyRequest(pixels=rng.random(784, dtype=np.float32).tobytes(),
+                            encoding=pb.ENCODING_FLOAT32_LE, version=1,
+                            model="mnist").SerializeToString()]
+    out: list[bytes] = []
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:  # pure noise
+            out.append(rng.integers(0, 256, int(rng.integers(0, 64)), dtype=np.uint8).tobytes())
+        elif kind == 1:  # flipped bytes in a valid message
+            b = bytearray(valid[i % 3])
+            for j in rng.integers(0, len(b), 1 + int(rng.integers(0, 8))):
+                b[j] = int(rng.integers(0, 256))
+            out.append(bytes(b))
+        elif kind == 2:  # truncated
+            b = valid[i % 3]
+            out.append(b[: int(rng.integers(0, len(b)))])
+        elif kind == 3:  # valid message plus trailing noise
+            out.append(valid[i % 3] + rng.integers(0, 256, 9, dtype=np.uint8).tobytes())
+        elif kind == 4:  # odd but well-formed field values
+            out.append(pb.ClassifyRequest(
+                pixels=rng.integers(0, 256, int(rng.integers(0, 3200)), dtype=np.uint8).tobytes(),
+                encoding=int(rng.integers(-3, 5)),  # type: ignore[arg-type]
+                image_count=int(rng.integers(0, 2**32)),
+                model=["", "mnist", "nope", "\u00e9\u00e9", "m" * 300][i % 5],
+                version=int(rng.integers(-(2**62), 2**62)) if i % 2 else 0,
+                version_label=["", "stable", "x" * 50][i % 3],
+            ).SerializeToString())
+        else:  # float pixels with random specials
+            x = rng.random(784, dtype=np.float32)
+            x[int(rng.integers(0, 784))] = [np.nan, np.inf, -1.0, 2.0, 0.5][i % 5]
+            out.append(pb.ClassifyRequest(pixels=x.tobytes(),
+                                          encoding=pb.ENCODING_FLOAT32_LE).SerializeToString())
+    return out
+
+
+@pytest.mark.slow
+def test_fuzz_never_internal_or_unknown_and_still_serves(server: ServerThread) -> None:
+    messages = _mutations(np.random.default_rng(1234), 3000)
+    codes: Counter[str] = Counter()
+    lock = threading.Lock()
+    with grpc.insecure_channel(server.target) as ch:
+        raw = ch.unary_unary("/mnist.v1.Classifier/Classify")
+
+        def send(message: bytes) -> None:
+            try:
+                raw(message, timeout=10)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            with lock:
+                codes[code] += 1
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(send, messages))
+        stream = ch.stream_stream("/mnist.v1.Classifier/ClassifyStream")
+        answers = [pb.ClassifyStreamResponse.FromString(r)
+                   for r in stream(iter(messages[:600]), timeout=30)]
+        assert len(answers) == 600
+        stream_codes = Counter(a.error.code for a in answers if a.WhichOneof("result") == "error")
+        stub = pb_grpc.ClassifierStub(ch)
+        ok = stub.Classify(uint8_request(np.zeros((1, 784), np.uint8)), timeout=10)
+    assert sum(codes.values()) == 3000
+    assert not {"UNKNOWN", "INTERNAL"} & set(codes), codes
+    assert codes["INVALID_ARGUMENT"] > 1000, codes  # the fuzz reached validation, not just parse
+    assert codes["OK"] > 0, codes
+    assert not {grpc.StatusCode.UNKNOWN.value[0], grpc.StatusCode.INTERNAL.value[0]} & set(
+        stream_codes), stream_codes
+    assert len(ok.predictions) == 1
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    return key, cert
+
+
+def test_tls_and_client_certificates(model_repo: Path, tmp_path: Path, start: Any) -> None:
+    skey, scert = _self_signed(tmp_path, "server")
+    ckey, ccert = _self_signed(tmp_path, "client")
+    server: ServerThread = start(model_repo, tls_cert=scert, tls_key=skey, tls_client_ca=ccert)
+    request = uint8_request(np.zeros((1, 784), np.uint8))
+    with_cert = grpc.ssl_channel_credentials(scert.read_bytes(), ckey.read_bytes(),
+                                             ccert.read_bytes())
+    with grpc.secure_channel(server.target, with_cert) as ch:
+        assert len(pb_grpc.ClassifierStub(ch).Classify(request, timeout=10).predictions) == 1
+    without_cert = grpc.ssl_channel_credentials(scert.read_bytes())
+    with grpc.secure_channel(server.target, without_cert) as ch, \
+            pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ClassifierStub(ch).Classify(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(server.target) as ch, pytest.raises(grpc.RpcError):
+        pb_grpc.ClassifierStub(ch).Classify(request, timeout=5)
+
+
+def start_subprocess(
+    model_dir: Path, log: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MNIST_PORT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+         "--port", "0", "--no-metrics-enabled", "--grace-period-s", "20", *extra],
+        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        match = re.search(r"event=listening .*port=(\d+)", log.read_text(errors="replace"))
+        if match:
+            return proc, int(match.group(1))
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{log.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"server did not start:\n{log.read_text()}")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_version(repo, "mnist", 1, make_model(seed=1, hidden=1024))
+    proc, port = start_subprocess(repo, tmp_path / "server.log", "--max-queue-rows", "65536")
+    try:
+        big = uint8_request(np.random.default_rng(0).integers(0, 256, (4096, 784), np.uint8))
+        target = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            stub.Classify(big, timeout=30)  # warm up, and the channel is connected
+            with ThreadPoolExecutor(8) as pool:
+                futures = [pool.submit(stub.Classify, big, timeout=60) for _ in range(8)]
+                time.sleep(0.3)  # the requests are on the server
+                proc.send_signal(signal.SIGTERM)
+                results = [f.result() for f in futures]
+        assert all(len(r.predictions) == 4096 for r in results)
+        assert proc.wait(30) == 0
+        log = (tmp_path / "server.log").read_text()
+        assert "event=signal action=drain" in log
+        assert "event=stopped" in log
+        with grpc.insecure_channel(target) as ch, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ClassifierStub(ch).Classify(big, timeout=2)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_empty_model_dir_starts_not_serving_then_serves(tmp_path: Path) -> None:
+    repo = tmp_path / "does-not-exist-yet"
+    proc, port = start_subprocess(repo, tmp_path / "server.log", "--rescan-interval-s", "0.1")
+    try:
+        target = f"127.0.0.1:{port}"
+        assert health_status(target) == health_pb2.HealthCheckResponse.NOT_SERVING
+        write_version(repo, "mnist", 1, make_model(seed=1))
+        wait_for(lambda: health_status(target) == health_pb2.HealthCheckResponse.SERVING, 30)
+        with grpc.insecure_channel(target) as ch:
+            r = pb_grpc.ClassifierStub(ch).Classify(uint8_request(np.zeros((1, 784), np.uint8)),
+                                                    timeout=10)
+        assert r.version == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
