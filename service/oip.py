@@ -393,14 +393,24 @@ class InferenceServicer:
     async def ModelInfer(
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        """Counted like the native Classify: method, model, version, code, images, time."""
+        inflight = self._metrics.inflight if self._metrics.enabled else None
+        if inflight is not None:
+            inflight.inc()
+        try:
+            return await self._infer(raw, context.time_remaining())
+        except Exception as e:
+            await _abort(context, e)
+        finally:
+            if inflight is not None:
+                inflight.dec()
+
+    async def _infer(self, raw: bytes, time_remaining: float | None) -> pb.ModelInferResponse:
+        """One request end to end, counted like the native Classify before the client hears
+        back (abort sends the status at once, so counting after it would race a scrape)."""
         started = time.perf_counter()
         model = version = ""
         images = 0
         code = grpc.StatusCode.OK
-        inflight = self._metrics.inflight if self._metrics.enabled else None
-        if inflight is not None:
-            inflight.inc()
         try:
             request = parse(pb.ModelInferRequest, raw)
             number, label = parse_version(request.model_version)
@@ -411,11 +421,8 @@ class InferenceServicer:
             x, came_raw = decode_input(request, self._settings.max_images_per_request)
             images = int(x.shape[0])
             prediction = await self._batcher.submit(
-                x,
-                model=request.model_name,
-                version=number,
-                label=label,
-                deadline_s=context.time_remaining(),
+                x, model=request.model_name, version=number, label=label,
+                deadline_s=time_remaining,
             )
             answered = prediction.version
             model, version = answered.name, str(answered.version)
@@ -424,15 +431,11 @@ class InferenceServicer:
             )
             encode_outputs(reply, names, prediction.probabilities, came_raw)
             return reply
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+        except BaseException as e:
+            code = (grpc.StatusCode.CANCELLED if isinstance(e, asyncio.CancelledError)
+                    else status_of(e)[0])
             raise
-        except Exception as e:
-            code = status_of(e)[0]
-            await _abort(context, e)
         finally:
-            if inflight is not None:
-                inflight.dec()
             self._metrics.request_done(
                 "ModelInfer", model, version, code.name, images, time.perf_counter() - started
             )
