@@ -98,7 +98,23 @@ install_nginx() {
   "$BIN/nginx" -v 2>/dev/null
 }
 
-TOOLS=(prometheus docker_compose hadolint nginx)
+# tritonclient: the unmodified Triton gRPC client drives the v2 endpoint (tests/test_oip_triton.py).
+# It pins protobuf < 7 and the project uses 7, so it gets a venv of its own.
+TRITON_CLIENT="tritonclient[grpc]==2.73.0"
+install_triton_client() {
+  local venv="$TOOLS_DIR/triton-venv"
+  if [ -x "$venv/bin/python" ] && [ -f "$venv/.installed-2.73.0" ]; then
+    return 0
+  fi
+  echo "install-test-tools: $TRITON_CLIENT (PyPI, own venv in .tools/triton-venv)"
+  rm -rf "$venv"
+  "${PYTHON:-python3}" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$TRITON_CLIENT" </dev/null
+  "$venv/bin/python" -c "import tritonclient.grpc"
+  touch "$venv/.installed-2.73.0"
+}
+
+TOOLS=(prometheus docker_compose hadolint nginx triton_client)
 for tool in "${TOOLS[@]}"; do
   "install_$tool"
 done
