@@ -58,6 +58,8 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0
 LOAD_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 NUM_CLASSES = 10
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Set by the process that exports in multiprocess mode; its workers inherit it and stay quiet.
+EXPORTER_PID_ENV = "MNIST_METRICS_EXPORTER_PID"
 _CLASS_LABELS = tuple(str(c) for c in range(NUM_CLASSES))
 
 
@@ -422,15 +424,22 @@ class Exporter:
 def start_exporter(settings: Settings, metrics: Metrics | None) -> Exporter | None:
     """Serve /metrics on settings.metrics_host:metrics_port (0 picks a free port).
 
-    Returns None when metrics are disabled. In multiprocess mode `metrics` may be None: the
-    parent exports the workers' merged values.
+    Returns None when metrics are disabled, and in a worker whose supervisor already exports
+    for every worker (multiprocess mode). There `metrics` may be None: the supervisor records
+    nothing itself and serves the workers' merged values.
     """
     if not settings.metrics_enabled:
+        return None
+    multi = multiprocess_dir() is not None
+    owner = os.environ.get(EXPORTER_PID_ENV)
+    if multi and owner and owner != str(os.getpid()):
         return None
     registry = exposition_registry(metrics)
     server, thread = start_http_server(
         settings.metrics_port, addr=settings.metrics_host, registry=registry
     )
+    if multi:
+        os.environ[EXPORTER_PID_ENV] = str(os.getpid())  # before the workers start
     port = int(server.server_port)
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     return Exporter(settings.metrics_host, port, server, thread)

@@ -16,22 +16,31 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from service import admin, oip
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
-from service.metrics import Metrics
+from service.metrics import (
+    Metrics,
+    multiprocess_dir,
+    prepare_multiprocess,
+    start_exporter,
+    worker_exited,
+)
 from service.registry import ModelRegistry
 
 log = logging.getLogger("service.server")
@@ -96,14 +105,12 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     metrics_port: int | None = None
     if metrics is None:
         metrics = Metrics(CollectorRegistry()) if settings.metrics_enabled else Metrics.disabled()
-    if settings.metrics_enabled and metrics.enabled:
-        # The metrics helper may replace this with its own exporter.
-        http_server, _thread = start_http_server(
-            settings.metrics_port, settings.metrics_host, registry=metrics.registry
-        )
-        metrics_port = int(http_server.server_address[1])
-        closers.append(http_server.shutdown)
-        log.info("event=metrics_listening host=%s port=%d", settings.metrics_host, metrics_port)
+    # None under --workers: the supervisor exports every worker's values (service/metrics.py).
+    if metrics.enabled:
+        exporter = start_exporter(settings, metrics)
+        if exporter is not None:
+            metrics_port = exporter.port
+            closers.append(exporter.stop)
 
     health_servicer = health.aio.HealthServicer()
     state = {"stopping": False}
@@ -231,13 +238,19 @@ def _supervise(settings: Settings) -> int:
         return 2
     ctx = multiprocessing.get_context("spawn")
     stopping = False
-
-    def worker_settings(i: int) -> Settings:
-        port = settings.metrics_port + i if settings.metrics_port else 0
-        return replace(settings, metrics_port=port)
+    # Metrics: spawned workers import prometheus_client after prepare_multiprocess, so they
+    # record into shared files; this process serves the sum on --metrics-port.
+    exporter = None
+    own_dir: Path | None = None
+    if settings.metrics_enabled:
+        directory = multiprocess_dir()
+        if directory is None:
+            directory = own_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
+        prepare_multiprocess(directory)
+        exporter = start_exporter(settings, None)
 
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
-        p = ctx.Process(target=_run_worker, args=(worker_settings(i),), name=f"worker-{i}")
+        p = ctx.Process(target=_run_worker, args=(settings,), name=f"worker-{i}")
         p.start()
         log.info("event=worker_started worker=%d pid=%s", i, p.pid)
         return p
@@ -257,11 +270,20 @@ def _supervise(settings: Settings) -> int:
             if not p.is_alive() and not stopping:
                 log.error("event=worker_died worker=%d pid=%s exitcode=%s action=restart",
                           i, p.pid, p.exitcode)
+                if p.pid is not None:
+                    worker_exited(p.pid)  # no stale in-flight/queue/version gauges
                 time.sleep(1.0)
                 procs[i] = spawn(i)
         if stopping and not any(p.is_alive() for p in procs):
             break
         time.sleep(0.2)
     codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.pid is not None:
+            worker_exited(p.pid)
+    if exporter is not None:
+        exporter.stop()
+    if own_dir is not None:
+        shutil.rmtree(own_dir, ignore_errors=True)
     log.info("event=workers_stopped exitcodes=%s", codes)
     return 0 if all(c == 0 for c in codes) else 1
