@@ -40,9 +40,9 @@ def tiny_model(seed: int = 0, hidden: int = 8) -> Model:
     )
 
 
-def publish_tiny(model_dir: Path, name: str = "mnist", seed: int = 0) -> int:
+def publish_tiny(model_dir: Path, name: str = "mnist", seed: int = 0, hidden: int = 8) -> int:
     """Publish with the trainer's atomic publish; returns the new version number."""
-    version, _ = publish(tiny_model(seed), model_dir, name)
+    version, _ = publish(tiny_model(seed, hidden), model_dir, name)
     return version
 
 
