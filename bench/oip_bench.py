@@ -1,0 +1,136 @@
+"""The v2 (Open Inference Protocol) path's overhead: ModelInfer vs native Classify, same run.
+
+    flock /tmp/mnist-bench.lock .venv/bin/python bench/oip_bench.py [--duration-s 2] [--repeats 3]
+
+One server (`python -m service`, pinned to CPU 0, started exactly as bench/serve_bench.py
+starts "ours") serves both APIs; the load generator (closed loop, asyncio, pre-serialized
+requests, as in serve_bench) is pinned to CPU 1. Per cell the two APIs run back to back with
+the same pixels: native Classify (pixels bytes) vs ModelInfer (raw_input_contents, what Triton
+clients send), UINT8 and FP32, 1 image per request at concurrency 1 and 64, 256 images at 1
+and 8. Each round restarts the server, warms both APIs up, and alternates which API goes first
+in each cell; medians over rounds are reported with the ratios v2 / native (1.00 = no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from serve_bench import model_repo, start, stop  # noqa: E402
+
+from service.pb.inference import grpc_service_pb2 as v2  # noqa: E402
+from service.pb.mnist.v1 import classifier_pb2 as native  # noqa: E402
+
+METHODS = {"native": "/mnist.v1.Classifier/Classify",
+           "v2": "/inference.GRPCInferenceService/ModelInfer"}
+DTYPES = ("uint8", "fp32")
+# 256-image requests at c8, not c64: 64 x 256 rows passes the default queue bound (8192) and
+# measures rejections instead of serving.
+CELLS = [(i, d, c) for i, cs in ((1, (1, 64)), (256, (1, 8))) for d in DTYPES for c in cs]
+
+
+def payload(api: str, images: int, dtype: str) -> bytes:
+    """The same pixels for both APIs, serialized once."""
+    rng = np.random.default_rng(images)
+    pixels = rng.integers(0, 256, (images, 784), dtype=np.uint8)
+    data = pixels.tobytes() if dtype == "uint8" else (pixels / 255).astype("<f4").tobytes()
+    if api == "native":
+        encoding = native.ENCODING_UINT8 if dtype == "uint8" else native.ENCODING_FLOAT32_LE
+        return native.ClassifyRequest(pixels=data, encoding=encoding).SerializeToString()
+    tensor = v2.ModelInferRequest.InferInputTensor(
+        name="images", datatype=dtype.upper(), shape=[images, 784]
+    )
+    return v2.ModelInferRequest(
+        model_name="mnist", inputs=[tensor], raw_input_contents=[data]
+    ).SerializeToString()
+
+
+async def load(target: str, api: str, images: int, dtype: str, concurrency: int,
+               duration_s: float, max_requests: int) -> dict[str, float]:
+    body = payload(api, images, dtype)
+    latencies: list[float] = []
+    errors = 0
+    options = [("grpc.max_receive_message_length", 64 << 20),
+               ("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as ch:
+        call = ch.unary_unary(METHODS[api])
+        for _ in range(3):  # warm up (and fail loudly if the API is not there)
+            await call(body, timeout=10)
+        stop_at = time.perf_counter() + duration_s
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at and len(latencies) < max_requests:
+                t0 = time.perf_counter()
+                try:
+                    await call(body, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    lat = np.array(latencies)
+    return {"rps": len(lat) / elapsed, "ips": len(lat) * images / elapsed,
+            "p50_ms": float(np.median(lat)) * 1e3, "p99_ms": float(np.percentile(lat, 99)) * 1e3,
+            "errors": float(errors)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=2.0, help="per cell and API")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="per cell")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians reported")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {1})  # the load generator on the other core
+    results: dict[tuple[str, int, str, int], list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = model_repo(Path(tmp))
+        print(f"model repository: {repo}; {args.repeats} rounds of {args.duration_s} s cells",
+              file=sys.stderr)
+        for r in range(args.repeats):
+            proc, target = start("ours", repo, Path(tmp))
+            try:
+                for api in METHODS:  # warm-up: first calls pay for imports, caches, page faults
+                    asyncio.run(load(target, api, 1, "uint8", 8, args.duration_s, 100_000))
+                for images, dtype, conc in CELLS:
+                    order = ("native", "v2") if r % 2 == 0 else ("v2", "native")
+                    for api in order:
+                        out = asyncio.run(load(target, api, images, dtype, conc,
+                                               args.duration_s, args.max_requests))
+                        results.setdefault((api, images, dtype, conc), []).append(out)
+                        print(f"round {r + 1} {api:6} {images:3} img {dtype:5} c{conc:<3} "
+                              f"{out['rps']:8.0f} req/s {out['p50_ms']:7.3f} ms p50",
+                              file=sys.stderr)
+            finally:
+                stop(proc)
+    med = {k: {m: statistics.median(v[m] for v in vs) for m in vs[0]} for k, vs in results.items()}
+    print(f"\nmedians of {args.repeats} rounds, {args.duration_s} s per cell and API; server "
+          "on CPU 0, client on CPU 1\n")
+    print("| images/req | dtype | concurrency | native req/s | v2 req/s | v2/native req/s "
+          "| native p50 ms | v2 p50 ms | v2/native p50 | errors |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for images, dtype, conc in CELLS:
+        n, o = med[("native", images, dtype, conc)], med[("v2", images, dtype, conc)]
+        print(f"| {images} | {dtype} | {conc} | {n['rps']:.0f} | {o['rps']:.0f} | "
+              f"{o['rps'] / n['rps']:.2f} | {n['p50_ms']:.3f} | {o['p50_ms']:.3f} | "
+              f"{o['p50_ms'] / n['p50_ms']:.2f} | {n['errors'] + o['errors']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
