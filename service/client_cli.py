@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from service import admin_cli
 from service.client import DEFAULT_TARGET, MAX_MESSAGE_BYTES, ClassifierClient, ClientError
 from service.model import INPUT_SIZE
 from service.pb.mnist.v1 import classifier_pb2 as pb
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=cmd_eval)
     m = sub.add_parser("models", help="models, versions, states and labels")
     m.set_defaults(run=cmd_models)
+    admin_cli.register(sub)
     return parser
 
 
