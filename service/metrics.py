@@ -18,6 +18,7 @@ directory, the parent's exporter merges them (`MultiProcessCollector`), and
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -103,7 +104,7 @@ class _BulkHistogram:
     prometheus_client that changes those internals fails a test instead of miscounting.
     """
 
-    __slots__ = ("_bounds", "_buckets", "_child", "_sum")
+    __slots__ = ("_bounds", "_bounds_list", "_buckets", "_child", "_sum")
 
     def __init__(self, child: Any) -> None:
         self._child = child
@@ -111,12 +112,21 @@ class _BulkHistogram:
         self._sum = getattr(child, "_sum", None)
         bounds = getattr(child, "_upper_bounds", None)
         self._bounds = np.asarray(bounds, dtype=np.float64) if bounds is not None else None
+        self._bounds_list = list(bounds) if bounds is not None else []
         if self._buckets is None or self._sum is None or self._bounds is None:
             log.warning("prometheus_client internals changed: histograms use observe() per row")
             self._buckets = None
 
     def observe(self, value: float) -> None:
-        self._child.observe(value)
+        """One value: a binary search instead of observe()'s scan of every bucket."""
+        buckets = self._buckets
+        if buckets is None or self._sum is None:
+            self._child.observe(value)
+            return
+        self._sum.inc(value)
+        i = bisect.bisect_left(self._bounds_list, value)
+        if i < len(buckets):
+            buckets[i].inc(1)
 
     def observe_many(self, values: npt.NDArray[Any]) -> None:
         if values.size == 0:
@@ -137,7 +147,7 @@ class _BulkHistogram:
 class _RequestChildren:
     requests: Any
     images: Any
-    duration: Any
+    duration: _BulkHistogram
 
 
 @dataclass(slots=True)
@@ -279,7 +289,7 @@ class Metrics:
                 c = _RequestChildren(
                     self.requests.labels(*key),
                     self.images.labels(*key),
-                    self.request_duration.labels(method, model),
+                    _BulkHistogram(self.request_duration.labels(method, model)),
                 )
                 self._request_children[key] = c
             return c

@@ -127,7 +127,10 @@ def test_bulk_observe_matches_observe_exactly(buckets: tuple[float, ...]) -> Non
     h_b = Histogram("h", "h", buckets=buckets, registry=reg_b)
     for v in values.tolist():
         h_a.observe(v)
-    _BulkHistogram(h_b).observe_many(values)
+    bulk = _BulkHistogram(h_b)
+    bulk.observe_many(values[: len(values) // 2])
+    for v in values[len(values) // 2 :].tolist():
+        bulk.observe(v)  # the one-value fast path too
 
     def samples(reg: CollectorRegistry) -> dict[tuple[str, str], float]:
         return {

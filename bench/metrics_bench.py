@@ -1,0 +1,239 @@
+"""What metrics cost: served throughput with metrics on vs off, measured side by side in one run.
+
+    flock /tmp/mnist-bench.lock .venv/bin/python bench/metrics_bench.py [--duration-s 3]
+        [--rounds 5]
+
+Part 1 (the target of issue 5: metrics cost at most 5% throughput). Two real servers run at
+once, `metrics` (as shipped, /metrics exporter on) and `nometrics` (--no-metrics-enabled),
+each a subprocess pinned to CPU 0; the load generator (grpc.aio, closed loop, pre-serialized
+requests) is pinned to CPU 1. Rounds alternate between the two servers so drift in the shared
+machine's load hits both alike; each round's pair gives a ratio, and the medians are quoted.
+A scrape of /metrics runs every second during `metrics` rounds, as Prometheus would.
+
+Part 2 (why it is cheap): the recording calls alone, per request and per batch, against the
+baseline of one `Histogram.observe()` per row that a batch would otherwise pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from service.metrics import Metrics, _BulkHistogram  # noqa: E402
+from service.pb.mnist.v1 import classifier_pb2 as pb  # noqa: E402
+
+METHOD = "/mnist.v1.Classifier/Classify"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model_repo(tmp: Path) -> Path:
+    """The committed default model if there is one, else a 784-128-10 random MLP."""
+    if (ROOT / "models" / "mnist" / "1").is_dir():
+        return ROOT / "models"
+    from service.model import build_model, save_model
+
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(0, 0.05, (784, 128)).astype(np.float32),
+          rng.normal(0, 0.2, (128, 10)).astype(np.float32)]
+    bs = [np.zeros(128, np.float32), np.zeros(10, np.float32)]
+    meta = {"cost": "cross_entropy", "input": {"shape": [28, 28], "scale": "0..1"},
+            "labels": [str(i) for i in range(10)], "training": {}, "data": {},
+            "metrics": {}, "created_at": "2026-01-01T00:00:00Z", "trainer_version": "bench"}
+    (tmp / "mnist" / "1").mkdir(parents=True)
+    save_model(build_model(ws, bs, ["relu"], "softmax", meta, rng.random((2, 784))),
+               tmp / "mnist" / "1")
+    return tmp
+
+
+def pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if os.cpu_count() and os.cpu_count() > 1 else []  # type: ignore[operator]
+
+
+def start_server(metrics: bool, repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, int]:
+    port, metrics_port = free_port(), free_port()
+    flags = (["--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port)] if metrics
+             else ["--no-metrics-enabled"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNIST_", "PROMETHEUS_"))}
+    proc = subprocess.Popen(
+        [*pin(0), sys.executable, "-m", "service", "--model-dir", str(repo), "--host",
+         "127.0.0.1", "--port", str(port), "--rescan-interval-s", "0", "--log-level", "WARNING",
+         *flags],
+        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                grpc.channel_ready_future(ch).result(timeout=1)
+                ch.unary_unary(METHOD)(request(1), timeout=5)
+            return proc, target, metrics_port
+        except (grpc.FutureTimeoutError, grpc.RpcError):
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited: {log.read_text()}") from None
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server did not start: {log.read_text()}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def request(images: int) -> bytes:
+    rng = np.random.default_rng(images)
+    return pb.ClassifyRequest(
+        pixels=rng.integers(0, 256, (images, 784), dtype=np.uint8).tobytes(),
+        encoding=pb.ENCODING_UINT8,
+    ).SerializeToString()
+
+
+async def load(target: str, images: int, concurrency: int, duration_s: float,
+               scrape_port: int | None) -> float:
+    """Requests per second over `duration_s`, `concurrency` callers each in a closed loop."""
+    payload = request(images)
+    done = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD)
+        end = time.perf_counter() + duration_s
+
+        async def caller() -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await call(payload, timeout=30)
+                done += 1
+
+        async def scraper() -> None:
+            while scrape_port is not None and time.perf_counter() < end:
+                await asyncio.to_thread(
+                    lambda: urllib.request.urlopen(
+                        f"http://127.0.0.1:{scrape_port}/metrics", timeout=5).read())
+                await asyncio.sleep(1.0)
+
+        start = time.perf_counter()
+        await asyncio.gather(scraper(), *(caller() for _ in range(concurrency)))
+        return done / (time.perf_counter() - start)
+
+
+def part1(args: argparse.Namespace) -> list[tuple[str, float, float, float]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = model_repo(Path(tmp) / "models")
+        on, target_on, scrape_port = start_server(True, repo, Path(tmp) / "on.log")
+        off, target_off, _ = start_server(False, repo, Path(tmp) / "off.log")
+        try:
+            for images, conc in [(1, 64), (1, 8), (16, 32)]:
+                # warm up both
+                for t in (target_on, target_off):
+                    asyncio.run(load(t, images, conc, 0.5, None))
+                ratios, rates_on, rates_off = [], [], []
+                for r in range(args.rounds):
+                    # alternate which goes first, so neither always gets the quieter moment
+                    order = [(True, target_on), (False, target_off)]
+                    if r % 2:
+                        order.reverse()
+                    got = {}
+                    for metrics_on, target in order:
+                        got[metrics_on] = asyncio.run(load(
+                            target, images, conc, args.duration_s,
+                            scrape_port if metrics_on else None))
+                    rates_on.append(got[True])
+                    rates_off.append(got[False])
+                    ratios.append(got[True] / got[False])
+                shape = f"{images} img x c{conc}"
+                rows.append((shape, statistics.median(rates_on), statistics.median(rates_off),
+                             statistics.median(ratios)))
+                print(f"  {shape:<14} metrics {statistics.median(rates_on):9.0f} req/s   "
+                      f"nometrics {statistics.median(rates_off):9.0f} req/s   ratio "
+                      f"{statistics.median(ratios):.3f}  (rounds: "
+                      + ", ".join(f"{x:.3f}" for x in ratios) + ")", flush=True)
+        finally:
+            stop(on)
+            stop(off)
+    return rows
+
+
+def timed(fn: object, n: int) -> float:
+    """Median µs per call over 5 runs of n calls."""
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()  # type: ignore[operator]
+        runs.append((time.perf_counter() - t) / n * 1e6)
+    return statistics.median(runs)
+
+
+def part2() -> list[tuple[str, float, float]]:
+    m = Metrics(CollectorRegistry())
+    d = Metrics.disabled()
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(10), size=64).astype(np.float32)
+    waits = list(rng.uniform(0, 0.002, 64))
+    conf = p.max(axis=1).astype(np.float64)
+    child = m.confidence.labels("bench", "1")
+    bulk = _BulkHistogram(child)
+    rows = [
+        ("request_done", timed(lambda: m.request_done("Classify", "mnist", "1", "OK", 1, 0.001),
+                               20000),
+         timed(lambda: d.request_done("Classify", "mnist", "1", "OK", 1, 0.001), 20000)),
+        ("batch_done, 64 rows", timed(lambda: m.batch_done("mnist", 1, waits, 0.0005, p), 2000),
+         timed(lambda: d.batch_done("mnist", 1, waits, 0.0005, p), 2000)),
+    ]
+    bulk_us = timed(lambda: bulk.observe_many(conf), 2000)
+    loop_us = timed(lambda: [child.observe(v) for v in conf.tolist()], 2000)
+    print(f"  {'call':<28}{'enabled µs':>12}{'disabled µs':>13}")
+    for name, on, off in rows:
+        print(f"  {name:<28}{on:>12.2f}{off:>13.2f}")
+    print(f"  64 confidences, bulk      {bulk_us:8.2f} µs   vs observe() per row "
+          f"{loop_us:8.2f} µs   ratio {bulk_us / loop_us:.3f}")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration-s", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(f"part 1: served throughput, metrics on vs off, {args.rounds} alternating rounds of "
+          f"{args.duration_s} s (medians)", flush=True)
+    rows = part1(args)
+    print("part 2: cost of the recording calls (median of 5 runs)")
+    part2()
+    worst = min(r[3] for r in rows)
+    verdict = "PASS" if worst >= 0.95 else "FAIL"
+    print(f"target: metrics-on throughput >= 0.95 x metrics-off in every shape: worst ratio "
+          f"{worst:.3f} -> {verdict}")
+    return 0 if worst >= 0.95 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
