@@ -163,6 +163,13 @@ def validate(s: Settings) -> None:
         problems.append("--tls-cert and --tls-key go together")
     if s.tls_client_ca is not None and s.tls_cert is None:
         problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+    from service.version_policy import parse_labels, parse_policies  # a leaf, like this one
+
+    for parse, value in ((parse_policies, s.version_policy), (parse_labels, s.version_labels)):
+        try:
+            parse(value)
+        except ValueError as e:
+            problems.append(str(e))
     if s.admin_enabled and not s.admin_token:
         problems.append("--admin-enabled needs --admin-token (or MNIST_ADMIN_TOKEN)")
     if problems:
