@@ -90,7 +90,10 @@ def parse_policies(text: str) -> Policies:
         if not eq:
             if seen_default:
                 raise ValueError(f"--version-policy has two default policies: {text!r}")
-            default, seen_default = parse_policy(entry), True
+            try:
+                default, seen_default = parse_policy(entry), True
+            except ValueError as e:
+                raise ValueError(f"--version-policy: {e}") from None
             continue
         name = name.strip()
         if not _MODEL_NAME.match(name):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from versions_util import publish_tiny, tiny_model
 
+from service.config import load_settings
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -77,6 +79,19 @@ def test_label_syntax() -> None:
     ]:
         with pytest.raises(ValueError, match=needle):
             parse_labels(bad)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"MNIST_VERSION_POLICY": "latest:x"}, "--version-policy: latest:N must be a positive"),
+        ({"MNIST_VERSION_LABELS": "mnist:Stable=1"}, "--version-labels, model 'mnist'"),
+    ],
+)
+def test_bad_syntax_rejected_by_settings(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        load_settings(None, env)
+    assert load_settings(None, {"MNIST_VERSION_POLICY": "latest:2;f=specific:1,3"})
 
 
 def test_bad_policy_fails_at_construction(tmp_path: Path) -> None:
