@@ -1,0 +1,257 @@
+"""`docker compose up --scale server=3`, natively: the real nginx of deploy/nginx in front of three
+real `python -m service` processes on 127.0.0.1, driven through the balancer.
+
+Proves two things the compose stack promises: RPCs (not connections) are spread so each replica
+gets a fair share, and a replica stopped with SIGTERM mid-traffic drains without one failed RPC.
+Replicas are counted from their own /metrics (mnist_requests_total), not from the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+import numpy as np
+import pytest
+from conftest import make_model, uint8_request, write_version
+from deploy_support import nginx_command, nginx_version, render_nginx, tool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+REPLICAS = 3
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Replica:
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+    def classify_count(self) -> float:
+        """RPCs this replica answered, from its own Prometheus endpoint."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "mnist_requests_total" and sample.labels.get("method") == "Classify"
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """Stop one process we started, by its PID: signal, wait, then kill if it hangs."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return int(process.returncode)
+
+
+def wait_serving(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"replica exited early:\n{log.read_text()}"
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"replica on {port} never became SERVING:\n{log.read_text()}")
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"nginx exited:\n{log.read_text()}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nginx never listened on {port}:\n{log.read_text()}")
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[list[Replica], int, Path]]:
+    """Three replicas on one model repository and nginx in front; all stopped by PID after."""
+    nginx = tool("nginx")
+    repo = tmp_path / "models"
+    write_version(repo, "mnist", 1, make_model(seed=1))
+    replicas: list[Replica] = []
+    processes: list[subprocess.Popen[bytes]] = []
+    logs: list[IO[bytes]] = []
+    try:
+        for i in range(REPLICAS):
+            port, metrics_port = free_port(), free_port()
+            log = tmp_path / f"replica-{i}.log"
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("MNIST_")},
+                "MNIST_MODEL_DIR": str(repo),
+                "MNIST_HOST": "127.0.0.1",
+                "MNIST_PORT": str(port),
+                "MNIST_METRICS_HOST": "127.0.0.1",
+                "MNIST_METRICS_PORT": str(metrics_port),
+                "MNIST_GRACE_PERIOD_S": "5",
+                "MNIST_RESCAN_INTERVAL_S": "0",
+            }
+            out = open(log, "wb")  # noqa: SIM115 - closed in finally
+            logs.append(out)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service"], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+            processes.append(process)
+            replicas.append(Replica(process, port, metrics_port, log))
+        for r in replicas:
+            wait_serving(r.port, r.process, r.log)
+
+        lb_port = free_port()
+        conf = render_nginx(
+            tmp_path / "nginx", lb_port, free_port(), [r.port for r in replicas],
+            nginx_version(nginx),
+        )
+        lb_log = tmp_path / "nginx.log"
+        out = open(lb_log, "wb")  # noqa: SIM115 - closed in finally
+        logs.append(out)
+        lb = subprocess.Popen(nginx_command(nginx, conf), stdout=out, stderr=subprocess.STDOUT)
+        processes.append(lb)
+        wait_listening(lb_port, lb, lb_log)
+        yield replicas, lb_port, lb_log
+    finally:
+        for process in reversed(processes):
+            stop_process(process, signal.SIGQUIT if process.args[0] == nginx else signal.SIGTERM)
+        for out in logs:
+            out.close()
+
+
+# What docs/deployment.md tells clients to use: retry Classify when the server answered
+# UNAVAILABLE, or CANCELLED without the client having cancelled. A replica that has begun its
+# graceful stop refuses RPCs that reach it in the moment before nginx reads its GOAWAY with
+# CANCELLED (grpc-core's answer to a call arriving after shutdown), as an HTTP 200 response that
+# nginx cannot retry; Classify is a pure function, so the client retries it safely.
+RETRY_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "mnist.v1.Classifier", "method": "Classify"}],
+        "retryPolicy": {
+            "maxAttempts": 3,
+            "initialBackoff": "0.01s",
+            "maxBackoff": "0.1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+        },
+    }],
+})
+
+
+@dataclass
+class Traffic:
+    ok: int = 0
+    failed: list[str] | None = None
+
+
+async def drive(
+    lb_port: int, total: int, concurrency: int, on_progress: object = None, retry: bool = False
+) -> Traffic:
+    """`total` Classify RPCs through the balancer, `concurrency` at a time, on one channel."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    request = uint8_request(images)
+    result = Traffic(failed=[])
+    next_index = 0
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{lb_port}", options=options if retry else [("grpc.enable_retries", 0)]
+    ) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < total:
+                next_index += 1
+                try:
+                    reply = await stub.Classify(request, timeout=30)
+                    assert len(reply.predictions) == 4
+                    result.ok += 1
+                except grpc.aio.AioRpcError as e:
+                    assert result.failed is not None
+                    result.failed.append(f"{e.code().name}: {e.details()}")
+                if callable(on_progress):
+                    on_progress(result.ok)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return result
+
+
+def test_every_replica_serves_a_fair_share(
+    stack: tuple[list[Replica], int, Path],
+) -> None:
+    replicas, lb_port, lb_log = stack
+    total = 600
+    traffic = asyncio.run(drive(lb_port, total, concurrency=8))
+    assert traffic.failed == []
+    assert traffic.ok == total
+    counts = [r.classify_count() for r in replicas]
+    assert sum(counts) == total, f"replicas counted {counts}, client sent {total}"
+    shares = [c / total for c in counts]
+    # Round robin gives 1/3 each; a balancer pinning the client's one HTTP/2 connection to a
+    # replica would give [1, 0, 0].
+    assert all(0.25 <= s <= 0.42 for s in shares), f"unfair split {shares}\n{lb_log.read_text()}"
+
+
+def test_sigterm_mid_traffic_drains_without_losing_a_request(
+    stack: tuple[list[Replica], int, Path],
+) -> None:
+    replicas, lb_port, lb_log = stack
+    victim, survivors = replicas[0], replicas[1:]
+    total, stop_after = 1500, 300
+    exit_code: list[int] = []
+
+    def on_progress(ok: int) -> None:
+        if ok == stop_after:
+            victim.process.send_signal(signal.SIGTERM)
+
+    async def run() -> Traffic:
+        traffic_task = asyncio.ensure_future(drive(lb_port, total, 8, on_progress, retry=True))
+        # The victim drains and exits while the traffic keeps flowing to the others.
+        exit_code.append(await asyncio.to_thread(victim.process.wait, 60))
+        return await traffic_task
+
+    before = [r.classify_count() for r in survivors]
+    traffic = asyncio.run(run())
+    assert traffic.failed == [], f"{len(traffic.failed or [])} RPCs failed, first: " \
+        f"{(traffic.failed or [''])[0]}\n{lb_log.read_text()[-4000:]}"
+    assert traffic.ok == total
+    assert exit_code == [0], f"replica did not drain cleanly:\n{victim.log.read_text()}"
+    after = [r.classify_count() for r in survivors]
+    served_by_victim = total - (sum(after) - sum(before))
+    # About a third of the RPCs before the stop, and none started after it.
+    assert stop_after // 6 <= served_by_victim <= stop_after // 2, (before, after)
