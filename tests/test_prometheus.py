@@ -156,3 +156,13 @@ def test_real_prometheus_sees_request_counts_p99_and_the_hot_swap(
         # Every dashboard query is valid PromQL for the real engine.
         for expr in dashboard_exprs(json.loads(DASHBOARD.read_text())):
             prom.query(grafana_to_promql(expr))
+
+
+def test_alert_rules_fire_on_the_series_they_watch() -> None:
+    """`promtool test rules`: synthetic series in, the expected alerts (and no others) out."""
+    checked = subprocess.run(
+        [str(tool("promtool")), "test", "rules", "alerts_test.yml"],
+        cwd=ROOT / "deploy" / "prometheus", capture_output=True, text=True, timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS" in checked.stdout
