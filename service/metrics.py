@@ -137,7 +137,7 @@ class _BulkHistogram:
             return
         index = np.searchsorted(self._bounds, values, side="left")
         counts = np.bincount(index, minlength=len(self._bounds))
-        self._sum.inc(float(values.sum()))
+        self._sum.inc(float(values.sum(dtype=np.float64)))  # float32 rows: sum like observe()
         buckets = self._buckets
         for i in np.flatnonzero(counts[: len(buckets)]).tolist():
             buckets[i].inc(int(counts[i]))
