@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import statistics
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -119,6 +123,13 @@ def main() -> int:
             finally:
                 stop(proc)
     med = {k: {m: statistics.median(v[m] for v in vs) for m in vs[0]} for k, vs in results.items()}
+
+    def paired(images: int, dtype: str, conc: int, metric: str) -> float:
+        """Median over rounds of v2/native measured back to back: drift cancels out."""
+        pairs = zip(results[("v2", images, dtype, conc)], results[("native", images, dtype, conc)],
+                    strict=True)
+        return statistics.median(o[metric] / n[metric] for o, n in pairs)
+
     print(f"\nmedians of {args.repeats} rounds, {args.duration_s} s per cell and API; server "
           "on CPU 0, client on CPU 1\n")
     print("| images/req | dtype | concurrency | native req/s | v2 req/s | v2/native req/s "
@@ -127,10 +138,51 @@ def main() -> int:
     for images, dtype, conc in CELLS:
         n, o = med[("native", images, dtype, conc)], med[("v2", images, dtype, conc)]
         print(f"| {images} | {dtype} | {conc} | {n['rps']:.0f} | {o['rps']:.0f} | "
-              f"{o['rps'] / n['rps']:.2f} | {n['p50_ms']:.3f} | {o['p50_ms']:.3f} | "
-              f"{o['p50_ms'] / n['p50_ms']:.2f} | {n['errors'] + o['errors']:.0f} |")
+              f"{paired(images, dtype, conc, 'rps'):.2f} | {n['p50_ms']:.3f} | "
+              f"{o['p50_ms']:.3f} | {paired(images, dtype, conc, 'p50_ms'):.2f} | "
+              f"{n['errors'] + o['errors']:.0f} |")
+    print("\n(ratios: median over rounds of the back-to-back pair's ratio)")
+    codec_table(args.repeats)
     return 0
 
+
+def native_translate(body: bytes, probabilities: np.ndarray, sv: Any) -> bytes:
+    from service import codec
+
+    request = codec.parse_request(body)
+    codec.decode_pixels(request, 4096)
+    return bytes(codec.encode_response(probabilities, sv, request.request_id).SerializeToString())
+
+
+def v2_translate(body: bytes, probabilities: np.ndarray, sv: Any) -> bytes:
+    from service import oip
+
+    request = oip.parse(v2.ModelInferRequest, body)
+    oip.parse_version(request.model_version)
+    names = oip.requested_outputs(request)
+    _, raw = oip.decode_input(request, 4096)
+    reply = v2.ModelInferResponse(model_name=sv.name, model_version=str(sv.version))
+    oip.encode_outputs(reply, names, probabilities, raw)
+    return bytes(reply.SerializeToString())
+
+
+def codec_table(repeats: int) -> None:
+    """Server CPU per request spent translating (parse, decode, encode, serialize), in process:
+    the part of the cost that differs between the two APIs, without the network's noise."""
+    print("\n| images/req | dtype | native translate us | v2 translate us | v2/native |")
+    print("|---:|---|---:|---:|---:|")
+    sv = SimpleNamespace(name="mnist", version=1)
+    for images in (1, 256):
+        probabilities = np.random.default_rng(0).random((images, 10), dtype=np.float32)
+        number = 2000 if images == 1 else 50
+        for dtype in DTYPES:
+            t = {}
+            for api, fn in (("native", native_translate), ("v2", v2_translate)):
+                call = functools.partial(fn, payload(api, images, dtype), probabilities, sv)
+                runs = timeit.repeat(call, number=number, repeat=max(repeats, 5))
+                t[api] = statistics.median(runs) / number * 1e6
+            print(f"| {images} | {dtype} | {t['native']:.1f} | {t['v2']:.1f} | "
+                  f"{t['v2'] / t['native']:.2f} |")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -197,7 +197,7 @@ def decode_input(request: pb.ModelInferRequest, max_images: int) -> tuple[Array,
                 "raw_input_contents: expected 1 entry (one per input), got "
                 f"{len(request.raw_input_contents)}"
             )
-        if tensor.HasField("contents"):
+        if tensor.HasField("contents") and tensor.contents.ListFields():
             raise InvalidInput(
                 f"input {INPUT_NAME!r}: values in both contents and raw_input_contents; "
                 "expected them in one"
@@ -260,7 +260,7 @@ def encode_outputs(
             tensor.datatype = "INT64"
             tensor.shape.append(n)
             if raw:
-                reply.raw_output_contents.append(classes.astype("<i8").tobytes())
+                reply.raw_output_contents.append(np.asarray(classes, "<i8").tobytes())
             else:
                 tensor.contents.int64_contents.extend(classes.tolist())
 

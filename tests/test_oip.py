@@ -525,3 +525,16 @@ def test_repository_unload_refusals(
         request = pb.RepositoryModelUnloadRequest(model_name="mnist", parameters=params)
         expect_error(lambda: stub.RepositoryModelUnload(request, metadata=auth()), code, fragment)
         assert stub.ModelReady(pb.ModelReadyRequest(name="mnist")).ready is True
+
+
+def test_raw_input_with_an_empty_contents_message_is_accepted(
+    stub: pb_grpc.GRPCInferenceServiceStub, models: dict[int, Model]
+) -> None:
+    """Some clients set `contents: {}` next to raw bytes; only values in both are ambiguous."""
+    x = images(2)
+    request = raw_request(x)
+    request.inputs[0].contents.SetInParent()
+    assert request.inputs[0].HasField("contents")
+    out = raw_outputs(stub.ModelInfer(request))
+    np.testing.assert_allclose(out["probabilities"], models[2].predict(x.copy()), rtol=1e-6,
+                               atol=1e-7)
