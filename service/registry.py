@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -30,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from service import repository
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from service.metrics import Metrics
-from service.model import CHECKSUM_FILE, WEIGHTS_FILE, Model, ModelFormatError, load_model
+from service.model import Model, ModelFormatError
+from service.repository import Signature
 from service.version_policy import (
     Policies,
     check_label,
@@ -95,7 +96,7 @@ class _Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
-    signature: _Signature
+    signature: Signature
     reason: str
     detail: str
 
@@ -108,62 +109,7 @@ class _Override:
     newest: int
 
 
-_Signature = tuple[object, ...]
-
 _EMPTY = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
-
-
-def _signature(directory: Path) -> _Signature:
-    """What identifies the files of a version: where they really are, inode, size, times.
-
-    The inode and ctime catch a directory deleted and republished under the same number
-    within one mtime tick; the real path catches a symlink re-pointed elsewhere.
-    """
-    out: list[object] = [os.path.realpath(directory)]
-    for name in (WEIGHTS_FILE, CHECKSUM_FILE):
-        try:
-            st = (directory / name).stat()
-            out.append((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-        except OSError:
-            out.append((name, None))
-    return tuple(out)
-
-
-def _load_inside(root: Path, directory: Path) -> Model:
-    """load_model, refusing anything whose real path leaves the repository (symlinks).
-
-    A repository is often a shared volume; a version that links to /etc or another
-    tenant's files must not be read, whatever those files contain.
-    """
-    real_root = root.resolve()
-    for p in (directory, directory / WEIGHTS_FILE, directory / CHECKSUM_FILE):
-        real = p.resolve()
-        if not real.is_relative_to(real_root):
-            raise ModelFormatError(
-                "unsafe_path",
-                f"{p} resolves to {real}, outside the model repository {real_root}",
-            )
-    return load_model(directory)
-
-
-def _on_disk(root: Path) -> dict[str, dict[int, Path]]:
-    """{model: {version: path}} for every integer-named version directory (blocking I/O)."""
-    found: dict[str, dict[int, Path]] = {}
-    try:
-        model_dirs = [p for p in root.iterdir() if p.is_dir()]
-    except OSError as e:
-        log.warning("cannot read model repository %s: %s", root, e)
-        return found
-    for model_dir in model_dirs:
-        if model_dir.name.startswith("."):
-            continue
-        versions: dict[int, Path] = {}
-        with contextlib.suppress(OSError):
-            for v in model_dir.iterdir():
-                if v.name.isascii() and v.name.isdigit() and int(v.name) > 0 and v.is_dir():
-                    versions[int(v.name)] = v
-        found[model_dir.name] = versions
-    return found
 
 
 class ModelRegistry:
@@ -190,7 +136,7 @@ class ModelRegistry:
         self._labels: dict[str, dict[str, int]] = parse_labels(version_labels)
         self._snapshot = _EMPTY
         self._disk: dict[str, dict[int, Path]] = {}
-        self._signatures: dict[tuple[str, int], _Signature] = {}
+        self._signatures: dict[tuple[str, int], Signature] = {}
         self._failed: dict[tuple[str, int], _Failure] = {}
         self._loading: set[tuple[str, int]] = set()
         self._admin_loaded: set[tuple[str, int]] = set()
@@ -251,7 +197,7 @@ class ModelRegistry:
             await self._rescan_locked()
 
     async def _rescan_locked(self) -> None:
-        disk = await asyncio.to_thread(_on_disk, self._dir)
+        disk = await asyncio.to_thread(repository.scan, self._dir)
         self._disk = disk
         old = self._snapshot
         servable: dict[str, Mapping[int, ServableVersion]] = {}
@@ -307,7 +253,7 @@ class ModelRegistry:
         self, name: str, version: int, path: Path, loaded: Mapping[int, ServableVersion]
     ) -> ServableVersion | None:
         """The loaded version if its files are unchanged, else a fresh load (None: failed)."""
-        sig = await asyncio.to_thread(_signature, path)
+        sig = await asyncio.to_thread(repository.signature, path)
         sv = loaded.get(version)
         if sv is not None and self._signatures.get((name, version)) == sig:
             return sv
@@ -317,13 +263,13 @@ class ModelRegistry:
         return await self._load(name, version, path, sig)
 
     async def _load(
-        self, name: str, version: int, path: Path, sig: _Signature
+        self, name: str, version: int, path: Path, sig: Signature
     ) -> ServableVersion | None:
         key = (name, version)
         self._loading.add(key)
         start = time.perf_counter()
         try:
-            model = await asyncio.to_thread(_load_inside, self._dir, path)
+            model = await asyncio.to_thread(repository.load_inside, self._dir, path)
         except ModelFormatError as e:
             elapsed = time.perf_counter() - start
             self._failed[key] = _Failure(sig, e.reason, str(e))
@@ -510,7 +456,7 @@ class ModelRegistry:
         change: the operator asked.
         """
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(_on_disk, self._dir)
+            self._disk = await asyncio.to_thread(repository.scan, self._dir)
             self._version_on_disk(name, version)
             key = (name, version)
             self._admin_unloaded.discard(key)
@@ -558,7 +504,7 @@ class ModelRegistry:
         on disk, and the next publish moves everyone forward again.
         """
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(_on_disk, self._dir)
+            self._disk = await asyncio.to_thread(repository.scan, self._dir)
             if version == 0:
                 if self._overrides.pop(name, None) is None and name not in self._disk:
                     raise NotFound(f"unknown model {name!r}; models: {sorted(self._disk)}")
@@ -588,7 +534,7 @@ class ModelRegistry:
         except ValueError as e:
             raise InvalidInput(str(e)) from None
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(_on_disk, self._dir)
+            self._disk = await asyncio.to_thread(repository.scan, self._dir)
             labels = self._labels.setdefault(name, {})
             previous = labels.get(label)
             if version == 0:
