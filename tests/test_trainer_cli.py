@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data import dead_url, serve
+from test_data import dead_url, real_mnist_dir, serve
 from test_trainer_train import synthetic_digits
 
 from service.model import load_model
@@ -209,3 +209,19 @@ def test_console_entry_point_runs(data_dir: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["version"] == 1
+
+
+@pytest.mark.slow
+def test_real_mnist_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The real 5,000 digits: a small quick recipe must already generalise to the 10k test set."""
+    data_dir = real_mnist_dir()
+    code, out, err = run_cli(capsys, "--data-dir", str(data_dir), "--model-dir",
+                             str(tmp_path / "m"), "--hidden", "128", "--epochs", "8",
+                             "--shift", "1", "--json", "--quiet")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["test_accuracy"] > 0.90
+    meta = load_model(Path(summary["path"])).metadata
+    assert meta["data"]["train_count"] == 5000
+    assert meta["data"]["test_count"] == 10000
+    assert meta["training"]["train_examples"] == 4500

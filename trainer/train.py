@@ -262,15 +262,16 @@ def train(
         stats = EpochStats(epoch, mean_loss, train_acc, val_acc, lr, time.perf_counter() - t0)
         history.append(stats)
         progress(stats)
-        # Ties go to the later epoch: under a decaying schedule its weights are more settled.
+        # A tie keeps the later epoch's weights (under a decaying schedule they are more
+        # settled) but does not reset the patience: only a better accuracy does.
         if val_acc >= best.best_validation_accuracy:
+            since_best = 0 if val_acc > best.best_validation_accuracy else since_best + 1
             best = TrainResult(params.copy(), epoch, val_acc)
-            since_best = 0
         else:
             since_best += 1
-            if config.patience and since_best >= config.patience:
-                best.stopped_early = True
-                break
+        if config.patience and since_best >= config.patience:
+            best.stopped_early = True
+            break
     best.history = history
     best.seconds = time.perf_counter() - started
     return best
