@@ -64,6 +64,20 @@ def _model_name(model: str) -> str:
     return model
 
 
+def authenticate(context: grpc.aio.ServicerContext, expected: bytes) -> None:
+    """The admin bearer-token rule; also guards the v2 repository load/unload (oip.py)."""
+    given = b""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            given = value.encode() if isinstance(value, str) else bytes(value)
+            break
+    if not hmac.compare_digest(given, expected):
+        raise Unauthenticated(
+            "admin calls need metadata 'authorization: Bearer <token>' with the server's "
+            "--admin-token; " + ("the token given is wrong" if given else "none was given")
+        )
+
+
 class AdminServicer:
     """One method per RPC; each checks the token first, then only translates."""
 
@@ -75,16 +89,7 @@ class AdminServicer:
         self._expected = f"Bearer {token}".encode()
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        given = b""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                break
-        if not hmac.compare_digest(given, self._expected):
-            raise Unauthenticated(
-                "admin calls need metadata 'authorization: Bearer <token>' with the server's "
-                "--admin-token; " + ("the token given is wrong" if given else "none was given")
-            )
+        authenticate(context, self._expected)
 
     async def _call(
         self,
