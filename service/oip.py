@@ -22,7 +22,6 @@ request is the caller's error (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,14 +33,13 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import Message
 
-from service import codec
+from service import admin, codec
 from service.config import Settings
 from service.errors import (
     FailedPrecondition,
     InvalidInput,
     NotFound,
     ServiceError,
-    Unauthenticated,
     Unavailable,
     status_of,
 )
@@ -288,14 +286,7 @@ def check_admin(settings: Settings, context: grpc.aio.ServicerContext) -> None:
         raise FailedPrecondition(
             "model control is disabled: start the server with --admin-enabled and --admin-token"
         )
-    expected = f"Bearer {settings.admin_token}".encode()
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            got = value.encode() if isinstance(value, str) else bytes(value)
-            if hmac.compare_digest(got, expected):
-                return
-            raise Unauthenticated("authorization: expected 'Bearer <admin token>', got another")
-    raise Unauthenticated("expected metadata 'authorization: Bearer <admin token>', got none")
+    admin.authenticate(context, f"Bearer {settings.admin_token}".encode())
 
 
 def version_parameter(parameters: Any) -> int:

@@ -453,9 +453,9 @@ def test_repository_load_unload_need_the_admin_token(
 ) -> None:
     load = pb.RepositoryModelLoadRequest(model_name="mnist")
     expect_error(lambda: stub.RepositoryModelLoad(load), grpc.StatusCode.UNAUTHENTICATED,
-                 "got none")
+                 "none was given")
     expect_error(lambda: stub.RepositoryModelLoad(load, metadata=auth("wrong")),
-                 grpc.StatusCode.UNAUTHENTICATED, "got another")
+                 grpc.StatusCode.UNAUTHENTICATED, "the token given is wrong")
     unload = pb.RepositoryModelUnloadRequest(model_name="mnist", parameters=version_param(1))
     expect_error(lambda: stub.RepositoryModelUnload(unload), grpc.StatusCode.UNAUTHENTICATED)
     assert ("mnist", "1", "READY") in index(stub)
