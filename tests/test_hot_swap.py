@@ -205,6 +205,7 @@ def test_swap_under_load(tmp_path: Path, start: Callable[..., ServerThread]) -> 
     assert compared > total // 4, "the forward-only stretches must cover most answers"
 
 
+@pytest.mark.slow
 def test_memory_across_200_swaps(tmp_path: Path) -> None:
     """Load, swap and unload 200 versions; the process must not keep the old ones."""
     repo = tmp_path / "models"
