@@ -7,8 +7,7 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 # Exact versions CI tested (deploy/constraints.txt); every dependency ships manylinux wheels,
@@ -19,8 +18,9 @@ RUN /opt/venv/bin/pip install --only-binary=:all: -c deploy/constraints.txt \
 COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY trainer /src/trainer
-RUN /opt/venv/bin/pip install --no-deps -c deploy/constraints.txt /src \
-    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+# Installed as a wheel (not editable) and byte-compiled here, so containers start without
+# compiling and run on a read-only root file system.
+RUN /opt/venv/bin/pip install --no-deps -c deploy/constraints.txt /src
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
