@@ -39,7 +39,7 @@ import numpy as np
 
 from service.model import forward, pixels_to_input
 from trainer.data import Dataset, load_dataset
-from trainer.network import Architecture, init_params, one_hot
+from trainer.network import Architecture, Params, init_params, one_hot
 from trainer.optim import Adam
 from trainer.train import EpochRunner, TrainConfig, blas_threads
 
@@ -123,8 +123,7 @@ def bench_per_example(data: Dataset, threads: int, batches: int, seed: int) -> R
                 gw1 += np.outer(xi, delta1)
                 gb1 += delta1
             inv = np.float32(1.0 / BATCH)
-            grads = [g * inv for g in (gw1, gw2, gb1, gb2)]
-            opt.step(params, grads[:2], grads[2:], 1e-3)
+            opt.step(params, Params([gw1 * inv, gw2 * inv], [gb1 * inv, gb2 * inv]), 1e-3)
     scale = -(-x.shape[0] // BATCH) / batches
     return Row("per-example loop", clock.wall[0] * scale, None,
                f"timed {batches} of {-(-x.shape[0] // BATCH)} batches, extrapolated",

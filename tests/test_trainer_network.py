@@ -56,10 +56,10 @@ def test_backprop_matches_numerical_gradient(activation: str, output_cost: tuple
     x = rng.uniform(0, 1, (9, 7))
     y = one_hot(rng.integers(0, 4, 9).astype(np.uint8), 4, np.float64)
 
-    grad_w, grad_b = backward(forward_cache(x, params, arch), y, params, arch)
+    grads = backward(forward_cache(x, params, arch), y, params, arch)
     numeric = _numerical_gradient(params, arch, x, y, 1e-6)
 
-    for analytic, expected in zip([*grad_w, *grad_b], numeric, strict=True):
+    for analytic, expected in zip(grads.arrays(), numeric, strict=True):
         scale = np.maximum(np.abs(analytic) + np.abs(expected), 1e-8)
         assert np.max(np.abs(analytic - expected) / scale) < 1e-5
 
@@ -95,16 +95,15 @@ def test_optimizers_fit_a_small_problem_and_keep_float32(name: str) -> None:
     lr = {"sgd": 0.5, "momentum": 0.1, "adam": 0.01}[name]
     first = loss(forward_cache(x, params, arch)[-1], y, arch)
     for _ in range(300):
-        gw, gb = backward(forward_cache(x, params, arch), y, params, arch)
-        opt.step(params, gw, gb, lr)
+        opt.step(params, backward(forward_cache(x, params, arch), y, params, arch), lr)
     assert loss(forward_cache(x, params, arch)[-1], y, arch) < first / 3
     assert all(p.dtype == np.float32 for p in params.arrays())
 
 
 def test_l2_decays_weights_not_biases() -> None:
     params = Params([np.ones((2, 2), np.float32)], [np.ones(2, np.float32)])
-    zero_w, zero_b = [np.zeros((2, 2), np.float32)], [np.zeros(2, np.float32)]
-    SGD(l2=0.5).step(params, zero_w, zero_b, lr=0.1)
+    zero = Params([np.zeros((2, 2), np.float32)], [np.zeros(2, np.float32)])
+    SGD(l2=0.5).step(params, zero, lr=0.1)
     np.testing.assert_allclose(params.weights[0], 0.95)
     np.testing.assert_array_equal(params.biases[0], 1.0)
 
@@ -113,10 +112,10 @@ def test_momentum_and_adam_first_steps() -> None:
     p = Params([np.zeros((1, 1), np.float32)], [np.zeros(1, np.float32)])
     m = Momentum(p, momentum=0.9)
     for _ in range(2):
-        m.step(p, [np.ones((1, 1), np.float32)], [np.ones(1, np.float32)], lr=1.0)
+        m.step(p, Params([np.ones((1, 1), np.float32)], [np.ones(1, np.float32)]), lr=1.0)
     assert p.weights[0][0, 0] == pytest.approx(-(1 + 1.9))
     q = Params([np.zeros((1, 1), np.float32)], [np.zeros(1, np.float32)])
-    Adam(q).step(q, [np.full((1, 1), 3.0, np.float32)], [np.ones(1, np.float32)], lr=0.01)
+    Adam(q).step(q, Params([np.full((1, 1), 3.0, np.float32)], [np.ones(1, np.float32)]), 0.01)
     assert q.weights[0][0, 0] == pytest.approx(-0.01, rel=1e-4)  # Adam's first step is lr
 
 
@@ -148,3 +147,24 @@ def test_random_shift_fills_with_background_and_zero_is_identity() -> None:
     assert shifted.dtype == np.uint8
     assert set(np.unique(shifted)) <= {0, 200}
     assert random_shift(images, 0, np.random.default_rng(1)) is images
+
+
+def test_flat_and_per_array_updates_agree() -> None:
+    """The flat-buffer fast path computes the same update as array-by-array."""
+    arch = Architecture((12, 6, 3), ("relu",))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (8, 12)).astype(np.float32)
+    y = one_hot(rng.integers(0, 3, 8).astype(np.uint8), 3)
+    flat = init_params(arch, np.random.default_rng(1))
+    loose = Params([w.copy() for w in flat.weights], [b.copy() for b in flat.biases])
+    assert flat.flat is not None
+    assert loose.flat is None
+    for name in ("sgd", "momentum", "adam"):
+        opt_flat = make_optimizer(name, flat, l2=1e-3)
+        opt_loose = make_optimizer(name, loose, l2=1e-3)
+        for _ in range(3):
+            opt_flat.step(flat, backward(forward_cache(x, flat, arch), y, flat, arch), 0.01)
+            grads = backward(forward_cache(x, loose, arch), y, loose, arch)
+            opt_loose.step(loose, Params(list(grads.weights), list(grads.biases)), 0.01)
+        for a, b in zip(flat.arrays(), loose.arrays(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -24,16 +24,48 @@ Array = npt.NDArray[Any]  # float32 in training, float64 in the gradient check
 
 @dataclass
 class Params:
-    """Trainable arrays, updated in place by the optimizer."""
+    """Per-layer weights and biases (or their gradients), updated in place.
+
+    Built by `allocate`, every array is a view into one contiguous `flat` buffer, so an
+    optimizer updates all parameters with a handful of NumPy calls per step instead of a
+    handful per array, and gradients are written into the same preallocated layout.
+    """
 
     weights: list[Array]
     biases: list[Array]
+    flat: Array | None = None
+
+    @classmethod
+    def allocate(cls, layer_sizes: Sequence[int], dtype: Any = np.float32) -> Params:
+        shapes = list(itertools.pairwise(layer_sizes))
+        total = sum(i * o + o for i, o in shapes)
+        flat = np.zeros(total, dtype=dtype)
+        weights, biases, at = [], [], 0
+        for fan_in, fan_out in shapes:
+            weights.append(flat[at : at + fan_in * fan_out].reshape(fan_in, fan_out))
+            at += fan_in * fan_out
+        for _, fan_out in shapes:
+            biases.append(flat[at : at + fan_out])
+            at += fan_out
+        return cls(weights, biases, flat)
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return (self.weights[0].shape[0], *(w.shape[1] for w in self.weights))
 
     def arrays(self) -> list[Array]:
         return [*self.weights, *self.biases]
 
+    def zeros_like(self) -> Params:
+        return Params.allocate(self.layer_sizes, self.weights[0].dtype)
+
     def copy(self) -> Params:
-        return Params([w.copy() for w in self.weights], [b.copy() for b in self.biases])
+        if self.flat is None:
+            return Params([w.copy() for w in self.weights], [b.copy() for b in self.biases])
+        twin = self.zeros_like()
+        assert twin.flat is not None
+        twin.flat[...] = self.flat
+        return twin
 
 
 @dataclass(frozen=True)
@@ -63,8 +95,7 @@ def init_params(arch: Architecture, rng: np.random.Generator, dtype: type = np.f
     Matching the scale to the activation keeps the variance of the signal roughly constant
     through the layers, which is what lets a deep ReLU stack train from the first step.
     """
-    weights: list[Array] = []
-    biases: list[Array] = []
+    params = Params.allocate(arch.layer_sizes, dtype)
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(arch.layer_sizes)):
         act = arch.activations[i] if i < len(arch.activations) else arch.output
         if act == "relu":
@@ -72,9 +103,8 @@ def init_params(arch: Architecture, rng: np.random.Generator, dtype: type = np.f
         else:
             limit = np.sqrt(6.0 / (fan_in + fan_out))
             w = rng.uniform(-limit, limit, (fan_in, fan_out))
-        weights.append(w.astype(dtype))
-        biases.append(np.zeros(fan_out, dtype=dtype))
-    return Params(weights, biases)
+        params.weights[i][...] = w
+    return params
 
 
 def forward_cache(x: Array, params: Params, arch: Architecture) -> list[Array]:
@@ -108,9 +138,10 @@ def loss(out: Array, y: Array, arch: Architecture) -> float:
 
 
 def backward(
-    outs: Sequence[Array], y: Array, params: Params, arch: Architecture
-) -> tuple[list[Array], list[Array]]:
-    """Gradients of the mean cost, one (weight, bias) pair per layer, for the whole batch."""
+    outs: Sequence[Array], y: Array, params: Params, arch: Architecture,
+    out: Params | None = None,
+) -> Params:
+    """Gradients of the mean cost for the whole batch, written into `out` when given."""
     a = outs[-1]
     n = a.shape[0]
     delta = a - y
@@ -121,12 +152,11 @@ def backward(
             delta = a * (delta - (delta * a).sum(axis=1, keepdims=True))
     # (softmax or sigmoid) + cross-entropy: delta = a - y exactly.
     delta *= a.dtype.type(1.0 / n)
-    grad_w: list[Array] = [np.empty(0)] * len(params.weights)
-    grad_b: list[Array] = [np.empty(0)] * len(params.biases)
+    grads = out if out is not None else params.zeros_like()
     for i in range(len(params.weights) - 1, -1, -1):
         prev = outs[i]
-        grad_w[i] = prev.T @ delta
-        grad_b[i] = delta.sum(axis=0)
+        np.matmul(prev.T, delta, out=grads.weights[i])
+        np.sum(delta, axis=0, out=grads.biases[i])
         if i == 0:
             break
         delta = delta @ params.weights[i].T
@@ -137,7 +167,7 @@ def backward(
             delta *= prev * (1 - prev)
         else:  # tanh
             delta *= 1 - prev * prev
-    return grad_w, grad_b
+    return grads
 
 
 def one_hot(labels: npt.NDArray[np.uint8], n_classes: int, dtype: type = np.float32) -> Array:

@@ -20,15 +20,29 @@ Array = npt.NDArray[Any]
 
 
 class Optimizer(Protocol):
-    def step(self, params: Params, grad_w: list[Array], grad_b: list[Array], lr: float) -> None:
-        """Apply one update for the gradients of the mean cost."""
+    def step(self, params: Params, grads: Params, lr: float) -> None:
+        """Apply one update for the gradients of the mean cost (`grads` may be overwritten)."""
 
 
-def _add_l2(params: Params, grad_w: list[Array], l2: float) -> None:
+def _add_l2(params: Params, grads: Params, l2: float) -> None:
     # L2 on weights only: shrinking biases does not reduce overfitting, it only shifts units.
     if l2:
-        for g, w in zip(grad_w, params.weights, strict=True):
+        for g, w in zip(grads.weights, params.weights, strict=True):
             g += w.dtype.type(l2) * w
+
+
+def _pairs(params: Params, grads: Params) -> list[tuple[Array, Array]]:
+    """(parameter, gradient) arrays: the two flat buffers when both have one, else per array."""
+    if params.flat is not None and grads.flat is not None:
+        return [(params.flat, grads.flat)]
+    return list(zip(params.arrays(), grads.arrays(), strict=True))
+
+
+def _state(params: Params) -> list[Array]:
+    """Zeroed optimizer state matching `_pairs`' arrays."""
+    if params.flat is not None:
+        return [np.zeros_like(params.flat)]
+    return [np.zeros_like(p) for p in params.arrays()]
 
 
 class SGD:
@@ -37,10 +51,11 @@ class SGD:
     def __init__(self, l2: float = 0.0) -> None:
         self.l2 = l2
 
-    def step(self, params: Params, grad_w: list[Array], grad_b: list[Array], lr: float) -> None:
-        _add_l2(params, grad_w, self.l2)
-        for p, g in zip(params.arrays(), [*grad_w, *grad_b], strict=True):
-            p -= p.dtype.type(lr) * g
+    def step(self, params: Params, grads: Params, lr: float) -> None:
+        _add_l2(params, grads, self.l2)
+        for p, g in _pairs(params, grads):
+            g *= p.dtype.type(lr)
+            p -= g
 
 
 class Momentum:
@@ -49,18 +64,23 @@ class Momentum:
     def __init__(self, params: Params, momentum: float = 0.9, l2: float = 0.0) -> None:
         self.mu = momentum
         self.l2 = l2
-        self.velocity = [np.zeros_like(p) for p in params.arrays()]
+        self.velocity = _state(params)
 
-    def step(self, params: Params, grad_w: list[Array], grad_b: list[Array], lr: float) -> None:
-        _add_l2(params, grad_w, self.l2)
-        for p, g, v in zip(params.arrays(), [*grad_w, *grad_b], self.velocity, strict=True):
+    def step(self, params: Params, grads: Params, lr: float) -> None:
+        _add_l2(params, grads, self.l2)
+        for (p, g), v in zip(_pairs(params, grads), self.velocity, strict=True):
             v *= p.dtype.type(self.mu)
-            v -= p.dtype.type(lr) * g
+            g *= p.dtype.type(lr)
+            v -= g
             p += v
 
 
 class Adam:
-    """Adam (Kingma & Ba 2015) with bias correction folded into the step size."""
+    """Adam (Kingma & Ba 2015) with bias correction folded into the step size.
+
+    Every operation writes into preallocated buffers: per step that is a dozen NumPy calls
+    over the flat parameter buffer and no allocation.
+    """
 
     def __init__(
         self,
@@ -71,29 +91,33 @@ class Adam:
         l2: float = 0.0,
     ) -> None:
         self.beta1, self.beta2, self.eps, self.l2 = beta1, beta2, eps, l2
-        self.m = [np.zeros_like(p) for p in params.arrays()]
-        self.v = [np.zeros_like(p) for p in params.arrays()]
+        self.m = _state(params)
+        self.v = _state(params)
+        self.tmp = _state(params)
         self.t = 0
 
-    def step(self, params: Params, grad_w: list[Array], grad_b: list[Array], lr: float) -> None:
-        _add_l2(params, grad_w, self.l2)
+    def step(self, params: Params, grads: Params, lr: float) -> None:
+        _add_l2(params, grads, self.l2)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         step = lr * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
         # eps scaled by the same correction keeps it equivalent to eps on the corrected v.
         eps = self.eps * math.sqrt(1 - b2**self.t)
-        for p, g, m, v in zip(params.arrays(), [*grad_w, *grad_b], self.m, self.v, strict=True):
+        for (p, g), m, v, tmp in zip(_pairs(params, grads), self.m, self.v, self.tmp,
+                                     strict=True):
             f = p.dtype.type
             m *= f(b1)
-            m += f(1 - b1) * g
-            g *= g
+            np.multiply(g, f(1 - b1), out=tmp)
+            m += tmp
+            np.square(g, out=g)
+            g *= f(1 - b2)
             v *= f(b2)
-            v += f(1 - b2) * g
-            denom = np.sqrt(v)
-            denom += f(eps)
-            np.divide(m, denom, out=denom)
-            denom *= f(step)
-            p -= denom
+            v += g
+            np.sqrt(v, out=tmp)
+            tmp += f(eps)
+            np.divide(m, tmp, out=tmp)
+            tmp *= f(step)
+            p -= tmp
 
 
 def make_optimizer(

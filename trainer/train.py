@@ -192,6 +192,7 @@ class EpochRunner:
         self.params = init_params(self.arch, rng, self.dtype)
         self.optimizer = make_optimizer(config.optimizer, self.params, l2=config.l2,
                                         momentum=config.momentum)
+        self.grads = self.params.zeros_like()
         self.n = images.shape[0]
         self.batches = -(-self.n // config.batch_size)
         self.total_steps = self.batches * config.epochs
@@ -225,10 +226,10 @@ class EpochRunner:
             outs = forward_cache(xb, params, arch)
             loss_sum += loss(outs[-1], yb, arch) * (hi - lo)
             correct += int((outs[-1].argmax(axis=1) == yb_labels).sum())
-            grad_w, grad_b = backward(outs, yb, params, arch)
+            backward(outs, yb, params, arch, out=self.grads)
             lr = learning_rate(config.schedule, config.learning_rate, self.step,
                                self.total_steps)
-            self.optimizer.step(params, grad_w, grad_b, lr)
+            self.optimizer.step(params, self.grads, lr)
             self.step += 1
         return loss_sum / n, correct / n, lr
 
