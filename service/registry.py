@@ -313,9 +313,11 @@ class ModelRegistry:
         for name, versions in old.servable.items():
             for v, sv in versions.items():
                 if new.servable.get(name, {}).get(v) is not sv:
-                    if v not in new.servable.get(name, {}):
-                        self._signatures.pop((name, v), None)
-                        self._metrics.version_unloaded(name, v)
+                    if v in new.servable.get(name, {}):
+                        log.info("model %s version %d replaced: its files changed", name, v)
+                        continue
+                    self._signatures.pop((name, v), None)
+                    self._metrics.version_unloaded(name, v)
                     log.info("model %s version %d unloaded", name, v)
         for name in set(old.current) | set(new.current):
             if old.current.get(name) != new.current.get(name):

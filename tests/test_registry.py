@@ -394,3 +394,41 @@ def test_unload_refuses_labelled_version(tmp_path: Path) -> None:
             await reg.unload_version("mnist", 1)
 
     run(go)
+
+
+def test_loading_state_is_visible_while_a_version_loads(tmp_path: Path) -> None:
+    publish_tiny(tmp_path, seed=1)
+
+    async def go() -> None:
+        reg, _ = make(tmp_path)
+        await reg.start()
+        publish_tiny(tmp_path, seed=2, hidden=2048)  # ~6 MB: the load takes a while
+        scan = asyncio.create_task(reg.rescan())
+        seen: set[str] = set()
+        while not scan.done():
+            seen.add(states(reg).get(2, ""))
+            assert reg.resolve().version in (1, 2), "requests keep being answered"
+            await asyncio.sleep(0)
+        await scan
+        assert "LOADING" in seen
+        assert states(reg)[2] == "AVAILABLE"
+
+    run(go)
+
+
+def test_files_broken_in_place_keep_the_loaded_copy(tmp_path: Path) -> None:
+    """Someone overwrites the only version's weights: the validated copy in memory serves on."""
+    publish_tiny(tmp_path, seed=1)
+
+    async def go() -> None:
+        reg, prom = make(tmp_path)
+        await reg.start()
+        (tmp_path / "mnist" / "1" / "model.npz").write_bytes(b"garbage")
+        await reg.rescan()
+        np.testing.assert_allclose(reg.resolve().model.predict(X), tiny_model(1).predict(X))
+        labels = {"model": "mnist", "reason": "checksum"}
+        assert prom.get_sample_value("mnist_model_rejected_versions_total", labels) == 1
+        await reg.rescan()
+        assert prom.get_sample_value("mnist_model_rejected_versions_total", labels) == 1
+
+    run(go)
