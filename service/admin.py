@@ -116,8 +116,8 @@ class AdminServicer:
             if not isinstance(e, ServiceError):
                 log.exception("admin %s failed unexpectedly", method)
             code, details = status_of(e)
-            if code != grpc.StatusCode.UNAUTHENTICATED:
-                log.warning("event=admin_refused method=%s code=%s %s", method, code.name, details)
+            # Failed authentication is logged too (never the token): it may be an attack.
+            log.warning("event=admin_refused method=%s code=%s %s", method, code.name, details)
             await context.abort(code, details)
             raise AssertionError("unreachable: abort raises") from None
         finally:
