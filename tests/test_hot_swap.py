@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +30,8 @@ from conftest import ServerThread, float_request, probabilities
 from versions_util import publish_tiny, rss_bytes, tiny_model
 
 from service.metrics import Metrics
+from service.pb.mnist.v1 import admin_pb2 as apb
+from service.pb.mnist.v1 import admin_pb2_grpc as apb_grpc
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from service.registry import ModelRegistry
 
@@ -231,3 +238,52 @@ def test_memory_across_200_swaps(tmp_path: Path) -> None:
     before, after = asyncio.run(go())
     # 200 leaked versions would be ~160 MB; allow allocator noise.
     assert after - before < 40 * 1024 * 1024, f"RSS grew {(after - before) / 2**20:.1f} MiB"
+
+
+def test_sighup_and_admin_port_in_the_real_process(tmp_path: Path) -> None:
+    """`python -m service` wires SIGHUP to a rescan and serves Admin on its own port."""
+    repo = tmp_path / "models"
+    publish_tiny(repo, seed=1)
+    log = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
+    env.update(PYTHONUNBUFFERED="1", MNIST_ADMIN_TOKEN="t0ken")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--model-dir", str(repo), "--host", "127.0.0.1",
+         "--port", "0", "--no-metrics-enabled", "--rescan-interval-s", "0",
+         "--admin-enabled", "--admin-port", "0"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        ports: dict[str, int] = {}
+        while len(ports) < 2:
+            text = log.read_text(errors="replace")
+            for key, pattern in (("main", r"event=listening .*port=(\d+)"),
+                                 ("admin", r"event=admin_listening port=(\d+)")):
+                if m := re.search(pattern, text):
+                    ports[key] = int(m.group(1))
+            assert proc.poll() is None, f"server exited:\n{text}"
+            assert time.monotonic() < deadline, f"server did not start:\n{text}"
+            time.sleep(0.05)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['main']}") as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            assert stub.Classify(float_request(X), timeout=10).version == 1
+            publish_tiny(repo, seed=2)
+            time.sleep(0.3)
+            assert stub.Classify(float_request(X), timeout=10).version == 1, "no interval scan"
+            proc.send_signal(signal.SIGHUP)
+            while stub.Classify(float_request(X), timeout=10).version != 2:
+                assert time.monotonic() < deadline + 30, log.read_text()
+                time.sleep(0.05)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['admin']}") as ch:
+            reply = apb_grpc.AdminStub(ch).SetCurrentVersion(
+                apb.AdminSetCurrentVersionRequest(model="mnist", version=1),
+                metadata=(("authorization", "Bearer t0ken"),), timeout=10,
+            )
+        assert reply.current_version == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
