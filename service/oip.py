@@ -203,16 +203,16 @@ def decode_input(request: pb.ModelInferRequest, max_images: int) -> tuple[Array,
         data = request.raw_input_contents[0]
         if len(data) != count * dtype.itemsize:
             raise InvalidInput(
-                f"input {INPUT_NAME!r}: shape {_shape_text(tensor.shape)} {tensor.datatype} "
-                f"needs {count * dtype.itemsize} bytes, got {len(data)}"
+                f"input {INPUT_NAME!r}: expected {count * dtype.itemsize} bytes for shape "
+                f"{_shape_text(tensor.shape)} {tensor.datatype}, got {len(data)}"
             )
         values = np.frombuffer(data, dtype=dtype)
     else:
         values = _typed_values(tensor)
         if values.size != count:
             raise InvalidInput(
-                f"input {INPUT_NAME!r}: shape {_shape_text(tensor.shape)} needs {count} "
-                f"values, got {values.size}"
+                f"input {INPUT_NAME!r}: expected {count} values for shape "
+                f"{_shape_text(tensor.shape)}, got {values.size}"
             )
     if tensor.datatype == "UINT8":
         return pixels_to_input(values), raw

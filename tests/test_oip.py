@@ -299,8 +299,10 @@ BAD_REQUESTS = {
     "shape": (_bad(shape=[2, 783]), "expected shape [N, 784] or [N, 28, 28], got [2, 783]"),
     "rank": (_bad(shape=[1568]), "got [1568]"),
     "zero images": (_bad(shape=[0, 784], raw=[b""]), "expected at least 1 image"),
-    "byte size": (_bad(shape=[3, 784]), "needs 9408 bytes, got 6272"),
-    "uint8 byte size": (_bad(datatype="UINT8"), "needs 1568 bytes, got 6272"),
+    "byte size": (_bad(shape=[3, 784]), "expected 9408 bytes for shape [3, 784] FP32, got 6272"),
+    "uint8 byte size": (
+        _bad(datatype="UINT8"), "expected 1568 bytes for shape [2, 784] UINT8, got 6272"
+    ),
     "input name": (_bad(name="input__0"), "expected an input named 'images', got 'input__0'"),
     "two inputs": (_bad(extra_input=True), "expected exactly 1 input"),
     "two raw entries": (_bad(raw=[b"", b""]), "expected 1 entry"),
@@ -310,7 +312,7 @@ BAD_REQUESTS = {
     ),
     "typed count": (
         _bad(contents=pb.InferTensorContents(fp32_contents=[0.5] * 10)),
-        "needs 1568 values, got 10",
+        "expected 1568 values for shape [2, 784], got 10",
     ),
     "typed wrong field": (
         _bad(contents=pb.InferTensorContents(int_contents=[1] * 1568)),
