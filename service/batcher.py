@@ -7,28 +7,32 @@ coalesced; but a lone request must not wait for company that is not coming.
 
 Flush policy (one worker task):
   * take requests until `max_batch_rows` would be exceeded (a bigger request is a batch alone);
-  * if fewer requests are waiting than took part in the previous batch, wait for more, at most
-    `max_batch_wait_s` after the oldest arrived: the previous batch size is the best guess of
-    how many callers are active. With one caller that guess is 1, so it never waits; when
-    load drops the wait times out once and the guess shrinks to what actually came.
-Requests arriving while a forward runs queue up and form the next batch.
+  * wait for more only while fewer requests are queued than were outstanding (submitted, not
+    yet answered) at the busiest moment since the previous flush, and at most
+    `max_batch_wait_s` after the oldest arrived. That peak is the best guess of how many
+    callers are active: with one caller it is 1, so a lone request never waits; at
+    concurrency 64 it is ~64, so a batch waits for the callers whose answers just went out.
+    When load drops, one wait times out and the guess falls to what actually came.
+Requests arriving while a forward runs queue up and form the next batch. The worker sleeps on
+a plain future resolved by `submit` (only when the batch is full enough) or by a timer, so an
+arrival costs no extra task or event-loop wakeup.
 
 Each batch resolves versions once at batch time, groups requests by the version they get (so a
 batch never mixes versions) and runs one `Model.predict` per group on a small dedicated thread
-pool (NumPy releases the GIL, the event loop keeps serving). Cancelled requests and requests
-whose deadline has passed are dropped before compute; a failed forward fails every waiter in
-its group; a full queue rejects at once with `Overloaded`.
+pool (NumPy releases the GIL, the event loop keeps serving) -- except forwards of at most
+`inline_max_rows` rows, which cost less than the thread handoff and run inline. Cancelled
+requests and requests whose deadline has passed are dropped before compute; a failed forward
+fails every waiter in its group; a full queue rejects at once with `Overloaded`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -58,7 +62,7 @@ class _Pending:
     label: str
     deadline: float | None  # loop.time() by which the caller stops waiting
     future: asyncio.Future[Prediction]
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float  # loop.time() at submit
 
     @property
     def rows(self) -> int:
@@ -78,6 +82,7 @@ class Batcher:
         max_queue_rows: int,
         enabled: bool = True,
         forward_threads: int = 1,
+        inline_max_rows: int = 0,
     ) -> None:
         self._registry = registry
         self._resolve = registry.resolve
@@ -86,14 +91,18 @@ class Batcher:
         self._max_wait = max_batch_wait_s
         self._max_queue_rows = max_queue_rows
         self.enabled = enabled
+        self._inline_max_rows = inline_max_rows
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
         self._queued_by_model: collections.Counter[str] = collections.Counter()
-        self._wakeup = asyncio.Event()
+        self._signal: asyncio.Future[None] | None = None  # the sleeping worker's wake-up
+        self._signal_any = False  # wake on any arrival (queue was empty) vs only when full
         self._executor = ThreadPoolExecutor(forward_threads, thread_name_prefix="forward")
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
-        self._expected_requests = 1  # requests in the previous batch: how many callers are active
+        self._outstanding = 0  # requests submitted and not yet answered
+        self._peak = 0  # most outstanding since the previous flush
+        self._target = 1  # how many requests a batch waits for (the previous peak)
         self._unbatched_rows = 0  # rows being computed with batching off (same queue bound)
 
     # --- lifecycle
@@ -105,7 +114,7 @@ class Batcher:
     async def close(self) -> None:
         """Refuse new work, finish what is queued, stop the worker and the thread pool."""
         self._closing = True
-        self._wakeup.set()
+        self._wake()
         if self._worker is not None:
             await self._worker
             self._worker = None
@@ -142,13 +151,43 @@ class Batcher:
         if not self.enabled:
             return await self._unbatched(x, model, version, label, deadline)
         name = model or self._registry.default_model()
-        pending = _Pending(x, name, version, label, deadline, loop.create_future())
+        pending = _Pending(x, name, version, label, deadline, loop.create_future(), loop.time())
         self._queue.append(pending)
         self._queued_rows += rows
         self._queued_by_model[name] += rows
         self._metrics.set_queue_rows(name, self._queued_by_model[name])
-        self._wakeup.set()
-        return await pending.future
+        self._outstanding += 1
+        self._peak = max(self._peak, self._outstanding)
+        if self._signal is not None and (self._signal_any or self._full_enough()):
+            self._wake()
+        try:
+            return await pending.future
+        finally:
+            self._outstanding -= 1
+
+    def _full_enough(self) -> bool:
+        return (
+            len(self._queue) >= self._target
+            or self._queued_rows >= self._max_rows
+            or self._closing
+        )
+
+    def _wake(self) -> None:
+        if self._signal is not None and not self._signal.done():
+            self._signal.set_result(None)
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, any_arrival: bool,
+                     until: float | None) -> None:
+        """Until woken by `submit`/`close`, or until `until` (loop time)."""
+        self._signal = loop.create_future()
+        self._signal_any = any_arrival
+        timer = None if until is None else loop.call_at(until, self._wake)
+        try:
+            await self._signal
+        finally:
+            self._signal = None
+            if timer is not None:
+                timer.cancel()
 
     async def _unbatched(
         self, x: Array, model: str, version: int, label: str, deadline: float | None
@@ -162,7 +201,7 @@ class Batcher:
         self._unbatched_rows += rows
         try:
             start = time.perf_counter()
-            probs = await loop.run_in_executor(self._executor, servable.model.predict, x)
+            probs = await self._predict(servable, x, loop)
             self._metrics.batch_done(
                 servable.name, servable.version, (0.0,), time.perf_counter() - start, probs
             )
@@ -178,10 +217,13 @@ class Batcher:
             if not self._queue:
                 if self._closing:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep(loop, True, None)
                 continue
-            await self._gather(loop)
+            if not self._full_enough() and self._max_wait > 0:
+                until = self._queue[0].enqueued + self._max_wait
+                if loop.time() < until:
+                    await self._sleep(loop, False, until)
+                    continue  # re-check: full, timed out, or closing
             batch = self._take()
             if batch:
                 try:
@@ -191,23 +233,6 @@ class Batcher:
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(ServiceError("batch failed unexpectedly"))
-
-    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait for more requests while fewer are queued than were active lately."""
-        if self._max_wait <= 0:
-            return
-        oldest = self._queue[0].enqueued
-        while (
-            not self._closing
-            and len(self._queue) < self._expected_requests
-            and self._queued_rows < self._max_rows
-        ):
-            remaining = self._max_wait - (time.perf_counter() - oldest)
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     def _take(self) -> list[_Pending]:
         """Pop up to max_batch_rows of live requests (always at least one request)."""
@@ -224,7 +249,8 @@ class Batcher:
                 continue
             batch.append(p)
             rows += p.rows
-        self._expected_requests = max(1, len(batch))
+        self._target = max(1, self._peak)
+        self._peak = self._outstanding
         for name, n in self._queued_by_model.items():
             self._metrics.set_queue_rows(name, n)
         return batch
@@ -250,14 +276,23 @@ class Batcher:
         for sv, members in groups.values():
             await self._forward(sv, members, loop)
 
+    async def _predict(
+        self, sv: ServableVersion, x: Array, loop: asyncio.AbstractEventLoop
+    ) -> Array:
+        """A tiny forward (tens of microseconds) costs less than handing it to a thread and
+        waking the loop again, so it runs inline; anything bigger runs on the thread pool."""
+        if x.shape[0] <= self._inline_max_rows:
+            return sv.model.predict(x)
+        return await loop.run_in_executor(self._executor, sv.model.predict, x)
+
     async def _forward(
         self, sv: ServableVersion, members: list[_Pending], loop: asyncio.AbstractEventLoop
     ) -> None:
         x = members[0].x if len(members) == 1 else np.concatenate([p.x for p in members])
+        waits = [loop.time() - p.enqueued for p in members]
         started = time.perf_counter()
-        waits = [started - p.enqueued for p in members]
         try:
-            probs = await loop.run_in_executor(self._executor, sv.model.predict, x)
+            probs = await self._predict(sv, x, loop)
         except Exception as e:
             log.exception("forward failed: model %s version %d, %d rows", sv.name, sv.version,
                           x.shape[0])

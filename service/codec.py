@@ -58,22 +58,13 @@ def decode_pixels(request: pb.ClassifyRequest, max_images: int) -> Array:
         raise InvalidInput(f"unknown encoding {encoding}: expected {_KNOWN}")
     data = request.pixels
     per_image = INPUT_SIZE * item
-    name = pb.Encoding.Name(encoding)
-    if not data:
-        raise InvalidInput(
-            f"empty request: expected at least one image ({per_image} bytes each in {name}), "
-            "got 0 bytes"
-        )
-    if len(data) % per_image:
-        raise InvalidInput(
-            f"pixels has {len(data)} bytes: expected a multiple of {per_image} "
-            f"({IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} pixels of {item} byte(s) each in {name})"
-        )
+    if not data or len(data) % per_image:
+        raise _length_error(len(data), per_image, item, encoding)
     n = len(data) // per_image
     if request.image_count and request.image_count != n:
         raise InvalidInput(
             f"image_count is {request.image_count} but pixels holds {n} image(s) "
-            f"({len(data)} bytes in {name})"
+            f"({len(data)} bytes in {pb.Encoding.Name(encoding)})"
         )
     if n > max_images:
         raise InvalidInput(f"{n} images in one request: at most {max_images} allowed")
@@ -90,6 +81,19 @@ def check_unit_range(x: Array) -> None:
     lo, hi = float(x.min()), float(x.max())  # NaN propagates into both
     if not (lo >= 0.0 and hi <= 1.0):
         raise _range_error(x)
+
+
+def _length_error(size: int, per_image: int, item: int, encoding: int) -> InvalidInput:
+    name = pb.Encoding.Name(encoding)
+    if size == 0:
+        return InvalidInput(
+            f"empty request: expected at least one image ({per_image} bytes each in {name}), "
+            "got 0 bytes"
+        )
+    return InvalidInput(
+        f"pixels has {size} bytes: expected a multiple of {per_image} "
+        f"({IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} pixels of {item} byte(s) each in {name})"
+    )
 
 
 def _range_error(x: Array) -> InvalidInput:

@@ -47,6 +47,10 @@ class Settings:
         8192, "images waiting at most; past it requests fail fast with RESOURCE_EXHAUSTED"
     )
     max_images_per_request: int = _opt(4096, "most images one request may carry")
+    inline_forward_max_rows: int = _opt(
+        32, "forwards of at most this many rows run on the event loop, not in a thread: "
+        "cheaper than the handoff (0: always in a thread)"
+    )
     # --- model versions
     rescan_interval_s: float = _opt(2.0, "how often the repository is rescanned (0: never)")
     version_policy: str = _opt(
@@ -156,7 +160,8 @@ def validate(s: Settings) -> None:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")
             problems.append(f"{flag} must be at least 1, got {getattr(s, name)}")
-    for name in ("grace_period_s", "max_batch_wait_s", "rescan_interval_s"):
+    for name in ("grace_period_s", "max_batch_wait_s", "rescan_interval_s",
+                 "inline_forward_max_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if (s.tls_cert is None) != (s.tls_key is None):

@@ -144,6 +144,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         max_batch_wait_s=settings.max_batch_wait_s,
         max_queue_rows=settings.max_queue_rows,
         enabled=settings.batching,
+        inline_max_rows=settings.inline_forward_max_rows,
     )
     server = grpc.aio.server(options=_server_options(settings))
     classifier.add_to_server(

@@ -252,26 +252,37 @@ def start_subprocess(
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
     repo = tmp_path / "models"
-    write_version(repo, "mnist", 1, make_model(seed=1, hidden=1024))
-    proc, port = start_subprocess(repo, tmp_path / "server.log", "--max-queue-rows", "65536")
+    # A wide model makes each 256-image forward take a noticeable time, so requests queue.
+    write_version(repo, "mnist", 1, make_model(seed=1, hidden=4096))
+    proc, port = start_subprocess(repo, tmp_path / "server.log")
     try:
-        big = uint8_request(np.random.default_rng(0).integers(0, 256, (4096, 784), np.uint8))
+        request = uint8_request(np.random.default_rng(0).integers(0, 256, (256, 784), np.uint8))
         target = f"127.0.0.1:{port}"
+        finished: list[float] = []
+
+        def call(stub: pb_grpc.ClassifierStub) -> pb.ClassifyResponse:
+            response = stub.Classify(request, timeout=60)
+            finished.append(time.monotonic())
+            return response
+
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.ClassifierStub(ch)
-            stub.Classify(big, timeout=30)  # warm up, and the channel is connected
-            with ThreadPoolExecutor(8) as pool:
-                futures = [pool.submit(stub.Classify, big, timeout=60) for _ in range(8)]
-                time.sleep(0.3)  # the requests are on the server
+            stub.Classify(request, timeout=30)  # warm up, and the channel is connected
+            with ThreadPoolExecutor(12) as pool:
+                futures = [pool.submit(call, stub) for _ in range(12)]
+                # Once the first answer is back every request has arrived; most still queue.
+                wait_for(lambda: len(finished) > 0, 30)
+                signalled = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
                 results = [f.result() for f in futures]
-        assert all(len(r.predictions) == 4096 for r in results)
+        assert all(len(r.predictions) == 256 for r in results)
+        assert max(finished) > signalled, "nothing was in flight at SIGTERM: test proves nothing"
         assert proc.wait(30) == 0
         log = (tmp_path / "server.log").read_text()
         assert "event=signal action=drain" in log
         assert "event=stopped" in log
         with grpc.insecure_channel(target) as ch, pytest.raises(grpc.RpcError) as info:
-            pb_grpc.ClassifierStub(ch).Classify(big, timeout=2)
+            pb_grpc.ClassifierStub(ch).Classify(request, timeout=2)
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
                                      grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:

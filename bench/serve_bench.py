@@ -1,0 +1,280 @@
+"""Serving throughput and latency, as ratios against bare gRPC servers measured in the same run.
+
+    flock /tmp/mnist-bench.lock .venv/bin/python bench/serve_bench.py [--duration-s 2] [--repeats 3]
+
+Servers (each a subprocess pinned to CPU 0 with taskset; the load generator is pinned to CPU 1):
+  bare-aio       grpc.aio server, same method path, no work: returns a prebuilt reply
+  bare-threaded  threaded grpc.server, same
+  nobatch        our server with --no-batching (each request its own forward)
+  ours           our server as shipped (dynamic batching)
+Shapes: 1 image and 256 images per request at concurrency 1, 8 and 64 (closed loop, asyncio,
+pre-serialized requests; bounded by --duration-s and --max-requests per cell). Each cell is
+repeated --repeats times (servers restarted each round) and the median is reported.
+Targets (issue 3): c64 1-image >= 80% of the faster bare server's req/s; c1 1-image p50 <=
+1.3x the faster bare server's; 256-image >= 150,000 images/s; ours beats nobatch at c64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from service.pb.mnist.v1 import classifier_pb2 as pb  # noqa: E402
+
+METHOD = "/mnist.v1.Classifier/Classify"
+EXTRA: list[str] = []
+SERVERS = ("bare-aio", "bare-threaded", "nobatch", "ours")
+# (images per request, concurrency)
+SHAPES: list[tuple[int, ...]] = [(1, 1), (1, 8), (1, 64), (256, 1), (256, 8), (256, 64)]
+
+
+# --- the bare servers ---------------------------------------------------------------------
+
+def _bare_reply(raw: bytes, cache: dict[int, bytes]) -> bytes:
+    """A reply of the right size for the request, built once per size: no per-call work."""
+    n = max(1, len(raw) // 784)
+    reply = cache.get(n)
+    if reply is None:
+        row = [0.1] * 10
+        reply = pb.ClassifyResponse(
+            model="mnist", version=1,
+            predictions=[pb.Prediction(label=0, probabilities=row) for _ in range(n)],
+        ).SerializeToString()
+        cache[n] = reply
+    return reply
+
+
+def run_bare(kind: str, port: int) -> None:
+    cache: dict[int, bytes] = {}
+    options = [("grpc.max_receive_message_length", 64 << 20),
+               ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)]
+    if kind == "aio":
+        async def handle(raw: bytes, context: Any) -> bytes:
+            return _bare_reply(raw, cache)
+
+        async def main() -> None:
+            server = grpc.aio.server(options=options)
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                "mnist.v1.Classifier", {"Classify": grpc.unary_unary_rpc_method_handler(handle)}),))
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            print(f"event=listening port={port}", flush=True)
+            await server.wait_for_termination()
+
+        asyncio.run(main())
+    else:
+        def handle_sync(raw: bytes, context: Any) -> bytes:
+            return _bare_reply(raw, cache)
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
+        handler = grpc.unary_unary_rpc_method_handler(handle_sync)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "mnist.v1.Classifier", {"Classify": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        print(f"event=listening port={port}", flush=True)
+        server.wait_for_termination()
+
+
+# --- starting servers ---------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(kind: str, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    pin = ["taskset", "-c", "0"]
+    if kind.startswith("bare-"):
+        cmd = [sys.executable, __file__, "--bare", kind.removeprefix("bare-"), "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host",
+               "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()),
+               "--metrics-host", "127.0.0.1", "--rescan-interval-s", "0", "--log-level",
+               "WARNING"]
+        cmd += EXTRA
+        if kind == "nobatch":
+            cmd.append("--no-batching")
+    log = log_dir / f"{kind}.log"
+    proc = subprocess.Popen(pin + cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{kind} exited:\n{log.read_text()}")
+        try:
+            with grpc.insecure_channel(target) as ch:
+                grpc.channel_ready_future(ch).result(timeout=0.5)
+                ch.unary_unary(METHOD)(request_bytes(1), timeout=5)
+            return proc, target
+        except (grpc.FutureTimeoutError, grpc.RpcError):
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"{kind} did not start:\n{log.read_text()}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+# --- the load generator -------------------------------------------------------------------
+
+_REQUESTS: dict[int, bytes] = {}
+
+
+def request_bytes(images: int) -> bytes:
+    if images not in _REQUESTS:
+        pixels = np.random.default_rng(images).integers(0, 256, (images, 784), dtype=np.uint8)
+        _REQUESTS[images] = pb.ClassifyRequest(
+            pixels=pixels.tobytes(), encoding=pb.ENCODING_UINT8).SerializeToString()
+    return _REQUESTS[images]
+
+
+async def load(target: str, images: int, concurrency: int, duration_s: float,
+               max_requests: int) -> dict[str, float]:
+    payload = request_bytes(images)
+    latencies: list[float] = []
+    errors = 0
+    options = [("grpc.max_receive_message_length", 64 << 20),
+               ("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as ch:
+        call = ch.unary_unary(METHOD)
+        for _ in range(3):  # warm up
+            await call(payload, timeout=10)
+        stop_at = time.perf_counter() + duration_s
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at and len(latencies) < max_requests:
+                t0 = time.perf_counter()
+                try:
+                    await call(payload, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    lat = np.array(latencies)
+    return {"rps": len(lat) / elapsed, "ips": len(lat) * images / elapsed,
+            "p50_ms": float(np.median(lat)) * 1e3, "p99_ms": float(np.percentile(lat, 99)) * 1e3,
+            "errors": float(errors)}
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def model_repo(tmp: Path) -> Path:
+    if (ROOT / "models" / "mnist" / "1").is_dir():
+        return ROOT / "models"
+    from service.model import build_model, save_model
+
+    rng = np.random.default_rng(0)
+    sizes = [784, 128, 10]
+    ws = [rng.normal(0, 0.05, (a, b)) for a, b in itertools.pairwise(sizes)]
+    bs = [np.zeros(b) for b in sizes[1:]]
+    meta = {"cost": "x", "input": {}, "labels": [str(i) for i in range(10)], "training": {},
+            "data": {}, "metrics": {}, "created_at": "", "trainer_version": "bench"}
+    model = build_model(ws, bs, ["relu"], "softmax", meta, rng.random((2, 784)))
+    (tmp / "mnist" / "1").mkdir(parents=True)
+    save_model(model, tmp / "mnist" / "1")
+    return tmp
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bare", choices=("aio", "threaded"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--duration-s", type=float, default=2.0, help="per cell")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="per cell")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians reported")
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--shapes", default="", help="e.g. '1x1,1x64' (images x concurrency)")
+    parser.add_argument("--server-args", default="", help="extra flags for our servers")
+    args = parser.parse_args()
+    if args.bare:
+        run_bare(args.bare, args.port)
+        return 0
+    os.sched_setaffinity(0, {1})  # the load generator on the other core
+    servers = args.servers.split(",")
+    if args.shapes:
+        SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    EXTRA[:] = args.server_args.split()
+    results: dict[tuple[str, int, int], list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = model_repo(Path(tmp))
+        print(f"model repository: {repo}; {args.repeats} rounds of {args.duration_s} s cells",
+              file=sys.stderr)
+        for r in range(args.repeats):
+            for kind in servers:
+                proc, target = start(kind, repo, Path(tmp))
+                try:
+                    for images, conc in SHAPES:
+                        out = asyncio.run(load(target, images, conc, args.duration_s,
+                                               args.max_requests))
+                        results.setdefault((kind, images, conc), []).append(out)
+                        print(f"round {r + 1} {kind:13} {images:3} img c{conc:<3} "
+                              f"{out['rps']:8.0f} req/s {out['p50_ms']:7.3f} ms p50",
+                              file=sys.stderr)
+                finally:
+                    stop(proc)
+    med = {k: {m: statistics.median(v[m] for v in vs) for m in vs[0]} for k, vs in results.items()}
+    print(f"\nmedians of {args.repeats} rounds, {args.duration_s} s per cell; server on CPU 0, "
+          "client on CPU 1\n")
+    print("| server | images/req | concurrency | req/s | images/s | p50 ms | p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in servers:
+        for images, conc in SHAPES:
+            m = med[(kind, images, conc)]
+            print(f"| {kind} | {images} | {conc} | {m['rps']:.0f} | {m['ips']:.0f} | "
+                  f"{m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['errors']:.0f} |")
+    if {"bare-aio", "bare-threaded", "ours", "nobatch"} <= set(servers):
+        def g(kind: str, images: int, conc: int, metric: str) -> float:
+            return med[(kind, images, conc)][metric]
+
+        bare64 = max(g("bare-aio", 1, 64, "rps"), g("bare-threaded", 1, 64, "rps"))
+        bare_p50 = min(g("bare-aio", 1, 1, "p50_ms"), g("bare-threaded", 1, 1, "p50_ms"))
+        best256 = max(g("ours", 256, c, "ips") for c in (1, 8, 64))
+        checks = [
+            ("c64 1-image req/s vs faster bare", g("ours", 1, 64, "rps") / bare64, ">= 0.80"),
+            ("c1 1-image p50 vs faster bare", g("ours", 1, 1, "p50_ms") / bare_p50, "<= 1.30"),
+            ("256-image images/s (best c) / 150,000", best256 / 150_000, ">= 1.00"),
+            ("c64 1-image batching / no batching",
+             g("ours", 1, 64, "rps") / g("nobatch", 1, 64, "rps"), "> 1.00"),
+            ("c64 1-image bare-aio / bare-threaded",
+             g("bare-aio", 1, 64, "rps") / g("bare-threaded", 1, 64, "rps"), "(info)"),
+        ]
+        print("\n| ratio | value | target |\n|---|---:|---|")
+        for name, value, target in checks:
+            print(f"| {name} | {value:.2f} | {target} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
