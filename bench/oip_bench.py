@@ -2,13 +2,14 @@
 
     flock /tmp/mnist-bench.lock .venv/bin/python bench/oip_bench.py [--duration-s 2] [--repeats 3]
 
-One server (`python -m service`, pinned to CPU 0, started exactly as bench/serve_bench.py
-starts "ours") serves both APIs; the load generator (closed loop, asyncio, pre-serialized
-requests, as in serve_bench) is pinned to CPU 1. Per cell the two APIs run back to back with
-the same pixels: native Classify (pixels bytes) vs ModelInfer (raw_input_contents, what Triton
-clients send), UINT8 and FP32, 1 image per request at concurrency 1 and 64, 256 images at 1
-and 8. Each round restarts the server, warms both APIs up, and alternates which API goes first
-in each cell; medians over rounds are reported with the ratios v2 / native (1.00 = no overhead).
+One server (`python -m service` as shipped, pinned to CPU 0) serves both APIs; the load
+generator (closed loop, asyncio, pre-serialized requests, as in serve_bench) is pinned to CPU 1.
+Per cell the two APIs run back to back with the same pixels: native Classify (pixels bytes) vs
+ModelInfer (raw_input_contents, what Triton clients send), UINT8 and FP32, 1 image per request
+at concurrency 1 and 64, 256 images at 1 and 8. Each round restarts the server, warms both APIs
+up, and alternates which API goes first in each cell. Reported: medians over rounds, the
+median of each round's back-to-back v2/native ratio (1.00 = no overhead), and the in-process
+CPU each API spends translating one request.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import itertools
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
-from serve_bench import model_repo, start, stop  # noqa: E402
 
 from service.pb.inference import grpc_service_pb2 as v2  # noqa: E402
 from service.pb.mnist.v1 import classifier_pb2 as native  # noqa: E402
@@ -43,6 +46,69 @@ DTYPES = ("uint8", "fp32")
 # 256-image requests at c8, not c64: 64 x 256 rows passes the default queue bound (8192) and
 # measures rejections instead of serving.
 CELLS = [(i, d, c) for i, cs in ((1, (1, 64)), (256, (1, 8))) for d in DTYPES for c in cs]
+
+
+# --- the server, started as serve_bench starts "ours" ---------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model_repo(tmp: Path) -> Path:
+    """The committed default model if there is one, else a 784-128-10 random MLP."""
+    if (ROOT / "models" / "mnist" / "1").is_dir():
+        return ROOT / "models"
+    from service.model import build_model, save_model
+
+    rng = np.random.default_rng(0)
+    sizes = [784, 128, 10]
+    ws = [rng.normal(0, 0.05, (a, b)) for a, b in itertools.pairwise(sizes)]
+    meta = {"cost": "x", "input": {}, "labels": [str(i) for i in range(10)], "training": {},
+            "data": {}, "metrics": {}, "created_at": "", "trainer_version": "bench"}
+    model = build_model(ws, [np.zeros(b) for b in sizes[1:]], ["relu"], "softmax", meta,
+                        rng.random((2, 784)))
+    (tmp / "mnist" / "1").mkdir(parents=True)
+    save_model(model, tmp / "mnist" / "1")
+    return tmp
+
+
+def start(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m service` pinned to CPU 0; returns once both APIs answer."""
+    port = free_port()
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "service", "--model-dir", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()),
+           "--metrics-host", "127.0.0.1", "--rescan-interval-s", "0", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{log_path.read_text()}")
+        try:
+            with grpc.insecure_channel(target) as ch:
+                grpc.channel_ready_future(ch).result(timeout=0.5)
+                for api, method in METHODS.items():
+                    ch.unary_unary(method)(payload(api, 1, "uint8"), timeout=5)
+            return proc, target
+        except (grpc.FutureTimeoutError, grpc.RpcError):
+            time.sleep(0.1)
+    stop(proc)
+    raise SystemExit(f"server did not start:\n{log_path.read_text()}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+# --- the load generator ---------------------------------------------------------------------
 
 
 def payload(api: str, images: int, dtype: str) -> bytes:
@@ -107,7 +173,7 @@ def main() -> int:
         print(f"model repository: {repo}; {args.repeats} rounds of {args.duration_s} s cells",
               file=sys.stderr)
         for r in range(args.repeats):
-            proc, target = start("ours", repo, Path(tmp))
+            proc, target = start(repo, Path(tmp) / "server.log")
             try:
                 for api in METHODS:  # warm-up: first calls pay for imports, caches, page faults
                     asyncio.run(load(target, api, 1, "uint8", 8, args.duration_s, 100_000))
