@@ -168,3 +168,12 @@ def test_flat_and_per_array_updates_agree() -> None:
             opt_loose.step(loose, Params(list(grads.weights), list(grads.biases)), 0.01)
         for a, b in zip(flat.arrays(), loose.arrays(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_flat_parameters_accept_per_array_gradients() -> None:
+    flat = init_params(Architecture((4, 3, 2), ("tanh",)), np.random.default_rng(0))
+    before = [a.copy() for a in flat.arrays()]
+    ones = Params([np.ones_like(w) for w in flat.weights], [np.ones_like(b) for b in flat.biases])
+    make_optimizer("adam", flat).step(flat, ones, 0.01)
+    for a, b in zip(flat.arrays(), before, strict=True):
+        np.testing.assert_allclose(a, b - 0.01, rtol=1e-4)

@@ -32,10 +32,16 @@ def _add_l2(params: Params, grads: Params, l2: float) -> None:
 
 
 def _pairs(params: Params, grads: Params) -> list[tuple[Array, Array]]:
-    """(parameter, gradient) arrays: the two flat buffers when both have one, else per array."""
-    if params.flat is not None and grads.flat is not None:
-        return [(params.flat, grads.flat)]
-    return list(zip(params.arrays(), grads.arrays(), strict=True))
+    """(parameter, gradient) arrays laid out like `_state`: flat when the parameters are."""
+    if params.flat is None:
+        return list(zip(params.arrays(), grads.arrays(), strict=True))
+    if grads.flat is None:  # gradients from elsewhere: gather them into the same layout
+        gathered = params.zeros_like()
+        for dst, src in zip(gathered.arrays(), grads.arrays(), strict=True):
+            dst[...] = src
+        grads = gathered
+    assert grads.flat is not None
+    return [(params.flat, grads.flat)]
 
 
 def _state(params: Params) -> list[Array]:
