@@ -221,14 +221,14 @@ def native_translate(body: bytes, probabilities: np.ndarray, sv: Any) -> bytes:
 
 
 def v2_translate(body: bytes, probabilities: np.ndarray, sv: Any) -> bytes:
-    from service import oip
+    from service import oip_codec
 
-    request = oip.parse(v2.ModelInferRequest, body)
-    oip.parse_version(request.model_version)
-    names = oip.requested_outputs(request)
-    _, raw = oip.decode_input(request, 4096)
+    request = oip_codec.parse(v2.ModelInferRequest, body)
+    oip_codec.parse_version(request.model_version)
+    names = oip_codec.requested_outputs(request)
+    _, raw = oip_codec.decode_input(request, 4096)
     reply = v2.ModelInferResponse(model_name=sv.name, model_version=str(sv.version))
-    oip.encode_outputs(reply, names, probabilities, raw)
+    oip_codec.encode_outputs(reply, names, probabilities, raw)
     return bytes(reply.SerializeToString())
 
 

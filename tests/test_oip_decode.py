@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import oip
+from service import oip_codec
 from service.errors import InvalidInput
 from service.pb.inference import grpc_service_pb2 as pb
 
@@ -60,7 +60,7 @@ def test_decode_accepts_only_valid_input_and_rejects_the_rest_clearly(
 ) -> None:
     error: InvalidInput | None = None
     try:
-        x, raw = oip.decode_input(request, max_images=3)
+        x, raw = oip_codec.decode_input(request, max_images=3)
     except InvalidInput as e:  # anything else fails the test
         error = e
     if error is not None:
@@ -83,14 +83,14 @@ def test_decode_accepts_only_valid_input_and_rejects_the_rest_clearly(
 def test_any_bytes_parse_or_are_invalid_input(raw: bytes) -> None:
     error: InvalidInput | None = None
     try:
-        request = oip.parse(pb.ModelInferRequest, raw)
+        request = oip_codec.parse(pb.ModelInferRequest, raw)
     except InvalidInput as e:
         error = e
     if error is not None:
         assert "not a valid inference.ModelInferRequest" in str(error)
         return
     with pytest.raises(InvalidInput):
-        oip.decode_input(request, max_images=3)  # no input named 'images' can come of 64 bytes
+        oip_codec.decode_input(request, max_images=3)  # 64 bytes cannot hold a valid input
 
 
 @pytest.mark.parametrize(
@@ -98,10 +98,10 @@ def test_any_bytes_parse_or_are_invalid_input(raw: bytes) -> None:
     [("", (0, "")), ("3", (3, "")), ("stable", (0, "stable")), ("٣", (0, "٣"))],
 )
 def test_parse_version(text: str, expected: tuple[int, str]) -> None:
-    assert oip.parse_version(text) == expected
+    assert oip_codec.parse_version(text) == expected
 
 
 @pytest.mark.parametrize("text", ["0", "00", " 1", "a\nb", "x" * 65])
 def test_parse_version_rejects(text: str) -> None:
     with pytest.raises(InvalidInput, match="model_version"):
-        oip.parse_version(text)
+        oip_codec.parse_version(text)
