@@ -540,3 +540,15 @@ def test_raw_input_with_an_empty_contents_message_is_accepted(
     out = raw_outputs(stub.ModelInfer(request))
     np.testing.assert_allclose(out["probabilities"], models[2].predict(x.copy()), rtol=1e-6,
                                atol=1e-7)
+
+
+def test_parameters_are_accepted_and_triton_only_rpcs_are_unimplemented(
+    channel: grpc.Channel, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    request = raw_request(images(1))
+    request.parameters["priority"].int64_param = 1
+    request.inputs[0].parameters["binary_data_size"].int64_param = 3136
+    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 2
+    assert [o.name for o in stub.ModelInfer(request).outputs] == ["probabilities"]
+    statistics = channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")
+    expect_error(lambda: statistics(b""), grpc.StatusCode.UNIMPLEMENTED)
