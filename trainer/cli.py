@@ -68,14 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description=(
-            "Train a multilayer perceptron on MNIST-format IDX files with NumPy only, report "
-            "test accuracy, and publish the model atomically as models/<name>/<N>/ "
+            "Train a multilayer perceptron on MNIST-format IDX files with NumPy only, report\n"
+            "test accuracy, and publish the model atomically as MODEL_DIR/NAME/<N>/\n"
             "(N = highest existing version + 1; existing versions are never touched)."
         ),
         epilog=(
-            "Example (the committed default model):\n"
-            "  mnist-train --data-dir ../shared/data/mnist --model-dir models --name mnist\n"
-            "The same command with the same --seed gives byte-identical weights."
+            "example (the committed default model):\n"
+            "  mnist-train --data-dir ../shared/data/mnist --model-dir models --name mnist --plot\n"
+            "The same command with the same --seed gives byte-identical weights.\n\n"
+            "--download tries, in order: " + ", ".join(MIRRORS) + "\n\n"
+            "exit status: 0 ok, 1 bad data / unwritable model dir / failed publish, "
+            "2 bad option"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
