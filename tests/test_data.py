@@ -31,14 +31,18 @@ from trainer.data import (
     write_idx,
 )
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def real_mnist_dir() -> Path:
     """The real 5k/10k MNIST files; skipped when absent, except in CI where it must fail."""
-    path = Path(os.environ.get("MNIST_DATA_DIR", SHARED_MNIST))
+    return _real_dir(Path(os.environ.get("MNIST_DATA_DIR", SHARED_DATA / "mnist")),
+                     "MNIST_DATA_DIR")
+
+
+def _real_dir(path: Path, variable: str) -> Path:
     if not all((path / f"{n}.gz").is_file() or (path / n).is_file() for n in FILE_NAMES):
-        message = f"real MNIST files not found in {path} (set MNIST_DATA_DIR)"
+        message = f"real data files not found in {path} (set {variable})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -137,6 +141,16 @@ def test_real_mnist_counts() -> None:
     assert np.bincount(data.train_labels).tolist() == [500] * 10
     assert np.bincount(data.test_labels).tolist() == [
         980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_full_size_files_read() -> None:
+    """60,000 training images: the same reader handles the full-size sets."""
+    path = _real_dir(Path(os.environ.get("FASHION_DATA_DIR", SHARED_DATA / "fashion-mnist")),
+                     "FASHION_DATA_DIR")
+    data = load_dataset(path)
+    assert data.train_images.shape == (60000, 28, 28)
+    assert data.test_images.shape == (10000, 28, 28)
+    assert np.bincount(data.train_labels).tolist() == [6000] * 10
 
 
 # --- download ----------------------------------------------------------------------------
