@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -225,3 +226,19 @@ def test_real_mnist_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert meta["data"]["train_count"] == 5000
     assert meta["data"]["test_count"] == 10000
     assert meta["training"]["train_examples"] == 4500
+
+
+def test_full_disk_during_publish_is_one_line_and_leaves_nothing(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, _, err = run_cli(capsys, "--data-dir", str(data_dir), "--model-dir",
+                           str(tmp_path / "m"), *QUICK)
+    assert code == 1
+    assert err.count("\n") == 1
+    assert "no space left on device" in err
+    assert os.listdir(tmp_path / "m" / "mnist") == []
