@@ -190,13 +190,14 @@ async def load(target: str, images: int, concurrency: int, duration_s: float,
 
 # --- the run ------------------------------------------------------------------------------
 
-def model_repo(tmp: Path) -> Path:
-    if (ROOT / "models" / "mnist" / "1").is_dir():
+def model_repo(tmp: Path, hidden: int) -> Path:
+    """The committed default model, or (--hidden N) a synthetic 784-N-10 one."""
+    if not hidden and (ROOT / "models" / "mnist" / "1").is_dir():
         return ROOT / "models"
     from service.model import build_model, save_model
 
     rng = np.random.default_rng(0)
-    sizes = [784, 128, 10]
+    sizes = [784, hidden or 128, 10]
     ws = [rng.normal(0, 0.05, (a, b)) for a, b in itertools.pairwise(sizes)]
     bs = [np.zeros(b) for b in sizes[1:]]
     meta = {"cost": "x", "input": {}, "labels": [str(i) for i in range(10)], "training": {},
@@ -215,6 +216,8 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=200_000, help="per cell")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians reported")
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--hidden", type=int, default=0,
+                        help="serve a synthetic 784-N-10 model instead of models/mnist/1")
     parser.add_argument("--shapes", default="", help="e.g. '1x1,1x64' (images x concurrency)")
     parser.add_argument("--server-args", default="", help="extra flags for our servers")
     args = parser.parse_args()
@@ -228,9 +231,12 @@ def main() -> int:
     EXTRA[:] = args.server_args.split()
     results: dict[tuple[str, int, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        repo = model_repo(Path(tmp))
-        print(f"model repository: {repo}; {args.repeats} rounds of {args.duration_s} s cells",
-              file=sys.stderr)
+        repo = model_repo(Path(tmp), args.hidden)
+        from service.model import load_model
+
+        sizes = load_model(repo / "mnist" / "1").layer_sizes
+        print(f"model {'-'.join(map(str, sizes))} from {repo}; {args.repeats} rounds of "
+              f"{args.duration_s} s cells", file=sys.stderr)
         for r in range(args.repeats):
             for kind in servers:
                 proc, target = start(kind, repo, Path(tmp))
@@ -245,8 +251,8 @@ def main() -> int:
                 finally:
                     stop(proc)
     med = {k: {m: statistics.median(v[m] for v in vs) for m in vs[0]} for k, vs in results.items()}
-    print(f"\nmedians of {args.repeats} rounds, {args.duration_s} s per cell; server on CPU 0, "
-          "client on CPU 1\n")
+    print(f"\nmodel {'-'.join(map(str, sizes))}; medians of {args.repeats} rounds, "
+          f"{args.duration_s} s per cell; server on CPU 0, client on CPU 1\n")
     print("| server | images/req | concurrency | req/s | images/s | p50 ms | p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in servers:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -305,6 +306,38 @@ def test_empty_model_dir_starts_not_serving_then_serves(tmp_path: Path) -> None:
         assert r.version == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.slow
+def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_version(repo, "mnist", 1, make_model(seed=1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--model-dir", str(repo), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "2", "--no-metrics-enabled"],
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: len(re.findall(r"event=listening .*pid=(\d+)", log.read_text())) == 2,
+                 60)
+        pids = set(re.findall(r"event=listening .*pid=(\d+)", log.read_text()))
+        assert len(pids) == 2, "two worker processes, each listening on the same port"
+        for _ in range(20):  # fresh connections: the kernel spreads them over both
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                r = pb_grpc.ClassifierStub(ch).Classify(
+                    uint8_request(np.zeros((1, 784), np.uint8)), timeout=10)
+                assert r.version == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert log.read_text().count("event=stopped") == 2
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,0 +1,68 @@
+"""Settings: flags beat MNIST_* variables beat defaults; nonsense is rejected by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings, load_settings, parse_args, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    import argparse
+
+    from service.config import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {"MNIST_MAX_BATCH_ROWS": "64", "MNIST_BATCHING": "false", "MNIST_PORT": "7000"}
+    s = load_settings(parser.parse_args(["--port", "9000"]), env)
+    assert s.port == 9000  # flag wins
+    assert s.max_batch_rows == 64  # environment
+    assert s.batching is False
+    assert s.max_batch_wait_s == Settings().max_batch_wait_s  # default
+    assert s.inline_forward_max_rows == Settings().inline_forward_max_rows
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="MNIST_MAX_BATCH_ROWS='many'"):
+        load_settings(None, {"MNIST_MAX_BATCH_ROWS": "many"})
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_batch_rows", 0, "--max-batch-rows must be at least 1, got 0"),
+    ("max_batch_wait_s", -1.0, "--max-batch-wait-s must be >= 0, got -1.0"),
+    ("inline_forward_max_rows", -2, "--inline-forward-max-rows must be >= 0, got -2"),
+    ("tls_cert", Path("c.pem"), "--tls-cert and --tls-key go together"),
+])
+def test_validate_names_the_flag(field: str, value: object, message: str) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        validate(replace(Settings(), **{field: value}))
+
+
+def test_max_message_size_fits_the_largest_request() -> None:
+    s = Settings(max_images_per_request=100)
+    assert s.max_message_bytes >= 100 * 784 * 4
+
+
+def test_parse_args_exits_with_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--workers", "0"])
+    assert info.value.code == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_mnist_serve_help_lists_flags_and_env() -> None:
+    out = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for text in ("--max-batch-wait-s", "MNIST_MAX_BATCH_WAIT_S", "--inline-forward-max-rows",
+                 "--workers", "--tls-client-ca"):
+        assert text in out.stdout
