@@ -112,6 +112,37 @@ def test_batch_done_records_rows_waits_forward_classes_and_confidence(
     assert value(registry, "mnist_batch_queue_wait_seconds_count", **m) == 4
 
 
+def test_small_and_large_batches_record_the_same_samples() -> None:
+    """Batches of <= SMALL_BATCH_ROWS go row by row in Python, larger ones through NumPy:
+    the same rows and waits must give the same per-row series either way."""
+    rng = np.random.default_rng(7)
+    p = rng.dirichlet(np.ones(10) * 0.3, size=40).astype(np.float32)
+    waits = rng.uniform(0, 0.01, 40)
+    big, small = CollectorRegistry(), CollectorRegistry()
+    Metrics(big).batch_done("mnist", 1, waits.tolist(), 0.001, p)
+    m = Metrics(small)
+    step = metrics_mod.SMALL_BATCH_ROWS
+    for i in range(0, 40, step):
+        m.batch_done("mnist", 1, waits[i:i + step].tolist(), 0.001, p[i:i + step])
+
+    def per_row(reg: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        wanted = ("mnist_predictions", "mnist_prediction_confidence_ratio",
+                  "mnist_batch_queue_wait_seconds")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in reg.collect() if fam.name in wanted
+            for s in fam.samples if not s.name.endswith("_created")
+        }
+
+    a, b = per_row(big), per_row(small)
+    assert a.keys() == b.keys()
+    assert len(a) > 30
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    assert big.get_sample_value("mnist_batch_rows_count", {"model": "mnist"}) == 1
+    assert small.get_sample_value("mnist_batch_rows_count", {"model": "mnist"}) == 5
+
+
 @pytest.mark.parametrize("buckets", [LATENCY_BUCKETS_S, CONFIDENCE_BUCKETS])
 def test_bulk_observe_matches_observe_exactly(buckets: tuple[float, ...]) -> None:
     """The per-batch shortcut must give the very samples a loop of observe() gives."""
