@@ -19,6 +19,7 @@ directory, the parent's exporter merges them (`MultiProcessCollector`), and
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import logging
 import os
@@ -42,8 +43,10 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from service.config import Settings
 
@@ -60,6 +63,8 @@ LOAD_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 NUM_CLASSES = 10
 # Batches up to this many rows are recorded row by row in Python, bigger ones with NumPy.
 SMALL_BATCH_ROWS = 8
+# Rows of batches waiting to be recorded before batch_done records them itself.
+MAX_PENDING_ROWS = 65536
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Set by the process that exports in multiprocess mode; its workers inherit it and stay quiet.
 EXPORTER_PID_ENV = "MNIST_METRICS_EXPORTER_PID"
@@ -161,6 +166,23 @@ class _BatchChildren:
     predictions: tuple[Any, ...]
 
 
+_PendingBatch = tuple[_BatchChildren, Iterable[float], float, npt.NDArray[np.float32]]
+
+
+class _FlushBeforeCollect(Collector):
+    """Registered first on the registry: every collection records pending batches first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics.flush()
+        return []
+
+
 def _add_process_collectors(registry: CollectorRegistry) -> None:
     """process_* and python_* series, once per registry (the default one already has them)."""
     # The default registry's collectors are module singletons; a fresh registry gets its own.
@@ -189,6 +211,15 @@ class Metrics:
         self.multiprocess = self.enabled and multiprocess_dir() is not None
         r = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = r
+        # Batches are recorded when the registry is collected (a scrape, get_sample_value),
+        # not on the event loop between a batch's answers and the next batch. Multiprocess
+        # mode records at once: its exporter reads files and never collects this registry.
+        self._pending: collections.deque[_PendingBatch] = collections.deque()
+        self._pending_rows = 0
+        self._flush_lock = threading.Lock()
+        self._defer = self.enabled and not self.multiprocess
+        if self._defer:
+            r.register(_FlushBeforeCollect(self))  # first, so the metrics below are current
         if self.enabled and process_metrics and not self.multiprocess:
             # In multiprocess mode the exporter adds the serving process's own instead.
             _add_process_collectors(r)
@@ -312,6 +343,29 @@ class Metrics:
         c = self._batch_children.get((model, version))
         if c is None:
             c = self._batch_children_for(model, version)
+        if not self._defer:
+            self._record_batch(c, queue_waits_s, forward_s, probabilities)
+            return
+        self._pending.append((c, queue_waits_s, forward_s, probabilities))
+        self._pending_rows += probabilities.shape[0]
+        if self._pending_rows > MAX_PENDING_ROWS:  # nobody scrapes: bound the memory held
+            self.flush()
+
+    def flush(self) -> None:
+        """Record the batches waiting to be recorded (thread-safe; the exporter calls it)."""
+        with self._flush_lock:
+            self._pending_rows = 0
+            pending = self._pending
+            while pending:
+                self._record_batch(*pending.popleft())
+
+    def _record_batch(
+        self,
+        c: _BatchChildren,
+        queue_waits_s: Iterable[float],
+        forward_s: float,
+        probabilities: npt.NDArray[np.float32],
+    ) -> None:
         rows = probabilities.shape[0]
         c.rows.observe(rows)
         c.forward.observe(forward_s)
@@ -386,6 +440,7 @@ class Metrics:
         if not self.enabled:
             return
         v = str(version)
+        self.flush()  # its pending batches go to the series about to be removed
         with self._children_lock:  # its cached children would point at removed series
             self._batch_children.pop((model, version), None)
         if self.multiprocess:

@@ -355,3 +355,23 @@ def test_multiprocess_values_add_up_and_dead_workers_leave_no_gauges(
                 w.stdout.close()
             if w.stdin is not None:
                 w.stdin.close()
+
+
+def test_batches_are_recorded_at_collection_or_when_too_many_wait(
+    metrics: Metrics, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """batch_done only queues the batch (off the event loop's critical path); any collection
+    (a scrape, get_sample_value) records it first, and a bound keeps unscraped memory small."""
+    metrics.batch_done("mnist", 1, [0.001], 0.001, probs([(2, 0.9)]))
+    assert len(metrics._pending) == 1
+    assert value(registry, "mnist_predictions_total", model="mnist", version="1",
+                 **{"class": "2"}) == 1
+    assert len(metrics._pending) == 0
+
+    monkeypatch.setattr(metrics_mod, "MAX_PENDING_ROWS", 3)
+    metrics.batch_done("mnist", 1, [0.001], 0.001, probs([(2, 0.9)] * 2))
+    assert len(metrics._pending) == 1
+    metrics.batch_done("mnist", 1, [0.001], 0.001, probs([(2, 0.9)] * 2))
+    assert len(metrics._pending) == 0  # 4 rows waiting > 3: recorded without a scrape
+    child = metrics.predictions.labels("mnist", "1", "2")
+    assert child._value.get() == 5
