@@ -66,6 +66,18 @@ def encode_images(images: npt.ArrayLike) -> tuple[bytes, int, int]:
     raise ClientError(f"images must be uint8 (0..255) or float (0..1), got dtype {arr.dtype}")
 
 
+def unpack(
+    response: pb.ClassifyResponse,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(labels, probabilities) from either response form."""
+    if response.probabilities_f32le:
+        probs = np.frombuffer(response.probabilities_f32le, dtype="<f4").reshape(-1, 10)
+        return np.asarray(response.labels, dtype=np.int64), probs.astype(np.float32)
+    probs = np.array([list(p.probabilities) for p in response.predictions],
+                     dtype=np.float32).reshape(-1, 10)
+    return np.array([p.label for p in response.predictions], dtype=np.int64), probs
+
+
 def _read(path: Path | str | bytes | None) -> bytes | None:
     if path is None or isinstance(path, bytes):
         return path
@@ -137,13 +149,10 @@ class ClassifierClient:
         pixels, encoding, n = encode_images(images)
         request = pb.ClassifyRequest(
             pixels=pixels, encoding=encoding, image_count=n,  # type: ignore[arg-type]
-            model=model, version=version, version_label=label,
+            model=model, version=version, version_label=label, packed_output=True,
         )
         response = self._call(self._stub.Classify, request, timeout_s)
-        probs = np.array([list(p.probabilities) for p in response.predictions],
-                         dtype=np.float32).reshape(-1, 10)
-        labels = np.array([p.label for p in response.predictions], dtype=np.int64)
-        return Classification(labels, probs, response.model, int(response.version))
+        return Classification(*unpack(response), response.model, int(response.version))
 
     def models(self, timeout_s: float | None = None) -> list[pb.ModelInfo]:
         response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout_s)

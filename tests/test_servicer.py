@@ -47,6 +47,17 @@ def test_uint8_answers_equal_direct_forward(
     assert [p.label for p in response.predictions] == expected.argmax(axis=1).tolist()
 
 
+def test_packed_output_equals_per_image_output(stub: pb_grpc.ClassifierStub) -> None:
+    pixels = images(9, seed=4)
+    plain = stub.Classify(uint8_request(pixels), timeout=10)
+    packed = stub.Classify(uint8_request(pixels, packed_output=True, request_id="p"), timeout=10)
+    assert len(packed.predictions) == 0
+    assert (packed.model, packed.version, packed.request_id) == ("mnist", 1, "p")
+    assert list(packed.labels) == [p.label for p in plain.predictions]
+    got = np.frombuffer(packed.probabilities_f32le, dtype="<f4").reshape(9, 10)
+    np.testing.assert_array_equal(got, probabilities(plain))
+
+
 def test_float32_answers_equal_direct_forward(
     stub: pb_grpc.ClassifierStub, model_repo: Path
 ) -> None:

@@ -30,7 +30,7 @@ VERSION_STATE_FAILED: VersionState
 VERSION_STATE_UNLOADED: VersionState
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id")
+    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id", "packed_output")
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class ClassifyRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     pixels: bytes
     encoding: Encoding
     image_count: int
@@ -45,7 +46,8 @@ class ClassifyRequest(_message.Message):
     version: int
     version_label: str
     request_id: str
-    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    packed_output: bool
+    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_output: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "probabilities")
@@ -56,16 +58,20 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("predictions", "model", "version", "request_id")
+    __slots__ = ("predictions", "model", "version", "request_id", "labels", "probabilities_f32le")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_F32LE_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     model: str
     version: int
     request_id: str
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    probabilities_f32le: bytes
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., probabilities_f32le: _Optional[bytes] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message", "request_id")
