@@ -166,6 +166,25 @@ class _BatchChildren:
     predictions: tuple[Any, ...]
 
 
+class _LiveCount:
+    """A gauge's inc()/dec() as plain arithmetic, for the in-flight count.
+
+    Only the event loop thread calls it (servicers), so `+=` needs no lock; the exporter
+    thread reads `n` when it collects.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.n += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.n -= amount
+
+
 _PendingBatch = tuple[_BatchChildren, Iterable[float], float, npt.NDArray[np.float32]]
 
 
@@ -216,6 +235,10 @@ class Metrics:
         # mode records at once: its exporter reads files and never collects this registry.
         self._pending: collections.deque[_PendingBatch] = collections.deque()
         self._pending_rows = 0
+        self._pending_requests: collections.deque[tuple[_RequestChildren, int, float]] = (
+            collections.deque()
+        )
+        self._queue_rows: dict[str, int] = {}
         self._flush_lock = threading.Lock()
         self._defer = self.enabled and not self.multiprocess
         if self._defer:
@@ -252,9 +275,14 @@ class Metrics:
             "mnist_batch_queue_rows", "Images waiting in the batch queue.", ["model"],
             registry=r, multiprocess_mode="livesum",
         )
-        self.inflight = Gauge(
+        self._inflight_gauge = Gauge(
             "mnist_inflight_requests", "RPCs being handled right now.", registry=r,
             multiprocess_mode="livesum",
+        )
+        # Callers do `inflight.inc()` / `.dec()`; deferred, that is integer arithmetic and the
+        # gauge is set at collection.
+        self.inflight: _LiveCount | Gauge = (
+            _LiveCount() if self._defer else self._inflight_gauge
         )
         self.version_loaded = Gauge(
             "mnist_model_version_loaded",
@@ -309,10 +337,15 @@ class Metrics:
         c = self._request_children.get(key)
         if c is None:
             c = self._request_children_for(key)
-        c.requests.inc()
-        if images:
-            c.images.inc(images)
-        c.duration.observe(duration_s)
+        if not self._defer:
+            c.requests.inc()
+            if images:
+                c.images.inc(images)
+            c.duration.observe(duration_s)
+            return
+        self._pending_requests.append((c, images, duration_s))
+        if len(self._pending_requests) > MAX_PENDING_ROWS:
+            self.flush()
 
     def _request_children_for(self, key: tuple[str, str, str, str]) -> _RequestChildren:
         with self._children_lock:
@@ -358,6 +391,32 @@ class Metrics:
             pending = self._pending
             while pending:
                 self._record_batch(*pending.popleft())
+            self._record_requests()
+            if isinstance(self.inflight, _LiveCount):
+                self._inflight_gauge.set(self.inflight.n)
+            for model, rows in list(self._queue_rows.items()):
+                child = self._queue_children.get(model)
+                if child is None:
+                    child = self._queue_children.setdefault(model, self.queue_depth.labels(model))
+                child.set(rows)
+
+    def _record_requests(self) -> None:
+        """The queued requests, one increment per label set and bucket."""
+        pending = self._pending_requests
+        grouped: dict[int, tuple[_RequestChildren, list[int], list[float]]] = {}
+        while pending:
+            c, images, duration_s = pending.popleft()
+            g = grouped.get(id(c))
+            if g is None:
+                g = grouped[id(c)] = (c, [], [])
+            g[1].append(images)
+            g[2].append(duration_s)
+        for c, images_list, durations in grouped.values():
+            c.requests.inc(len(durations))
+            total = sum(images_list)
+            if total:
+                c.images.inc(total)
+            c.duration.observe_many(np.asarray(durations, dtype=np.float64))
 
     def _record_batch(
         self,
@@ -409,6 +468,9 @@ class Metrics:
 
     def set_queue_rows(self, model: str, rows: int) -> None:
         if not self.enabled:
+            return
+        if self._defer:
+            self._queue_rows[model] = rows
             return
         child = self._queue_children.get(model)
         if child is None:
