@@ -375,3 +375,14 @@ def test_batches_are_recorded_at_collection_or_when_too_many_wait(
     assert len(metrics._pending) == 0  # 4 rows waiting > 3: recorded without a scrape
     child = metrics.predictions.labels("mnist", "1", "2")
     assert child._value.get() == 5
+
+    # Requests, in-flight and queue depth the same way: queued, then recorded at collection.
+    metrics.request_done("Classify", "mnist", "1", "OK", 2, 0.001)
+    metrics.inflight.inc()
+    metrics.set_queue_rows("mnist", 7)
+    assert len(metrics._pending_requests) == 1
+    assert value(registry, "mnist_images_total", method="Classify", model="mnist", version="1",
+                 code="OK") == 2
+    assert value(registry, "mnist_inflight_requests") == 1
+    assert value(registry, "mnist_batch_queue_rows", model="mnist") == 7
+    assert len(metrics._pending_requests) == 0
