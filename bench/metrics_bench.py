@@ -276,9 +276,6 @@ def part2() -> list[tuple[str, float, float]]:
         ("batch_done+flush, 64 rows",
          timed(lambda: (m.batch_done("mnist", 1, waits, 0.0005, p), m.flush()), 2000),
          timed(lambda: d.batch_done("mnist", 1, waits, 0.0005, p), 2000)),
-        ("batch_done alone (queue)",
-         timed(lambda: m.batch_done("mnist", 1, waits, 0.0005, p), 2000),
-         timed(lambda: d.batch_done("mnist", 1, waits, 0.0005, p), 2000)),
     ]
     bulk_us = timed(lambda: bulk.observe_many(conf), 2000)
     loop_us = timed(lambda: [child.observe(v) for v in conf.tolist()], 2000)
