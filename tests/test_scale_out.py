@@ -278,12 +278,14 @@ def test_without_client_retry_only_the_shutdown_race_fails(
 
     The race: RPCs sent on a kept-alive upstream connection in the moment between the replica's
     shutdown and nginx reading its GOAWAY are refused by grpc-core with CANCELLED. At most one
-    per RPC in flight at a time (bench/lb_bench.py measured 0-6 per stop with 8 in flight);
-    everything else, including RPCs to the closed port, must succeed.
+    per RPC in flight at a time (bench/lb_bench.py measured 0-6 per stop with 8 in flight).
+    On a loaded machine nginx's own retry can also run out of upstreams in that moment and
+    answer UNAVAILABLE (seen once in CI-like runs with both cores busy). Both are the codes the
+    documented client retry policy retries; anything else, or more of them, is a bug.
     """
     traffic, code, _ = stop_one_mid_traffic(stack, retry=False)
     failed = traffic.failed or []
     assert code == 0
-    assert {f.split(":")[0] for f in failed} <= {"CANCELLED"}, failed
+    assert {f.split(":")[0] for f in failed} <= {"CANCELLED", "UNAVAILABLE"}, failed
     assert len(failed) <= 16, failed  # twice the RPCs in flight: a bound, not a target
     assert traffic.ok == 1500 - len(failed)
