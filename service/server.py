@@ -13,6 +13,7 @@ the bare threaded server's request rate while keeping single-request latency at 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -47,6 +48,8 @@ log = logging.getLogger("service.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Young-generation gc threshold while serving (CPython's default is 700); see _tune_gc.
+GC_THRESHOLD = 10_000
 
 
 @dataclass(eq=False)
@@ -199,8 +202,24 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     return running
 
 
+def _tune_gc() -> None:
+    """Fewer young-generation collections on the request path.
+
+    Every RPC allocates a handful of container objects (grpc.aio's tasks and contexts, our
+    futures), so the default threshold (700) ran a collection every ~100 requests (~2% of the
+    loop's samples in py-spy). Objects alive after startup (modules, the model) are frozen out
+    of collection, and the young threshold is raised so a collection runs ~10x less often.
+    Reference cycles are still collected, just later.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, gen1, gen2)
+
+
 async def _serve_async(settings: Settings) -> None:
     running = await start_server(settings)
+    _tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
