@@ -63,10 +63,7 @@ class _Pending:
     deadline: float | None  # loop.time() by which the caller stops waiting
     future: asyncio.Future[Prediction]
     enqueued: float  # loop.time() at submit
-
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
+    rows: int
 
 
 class Batcher:
@@ -147,11 +144,12 @@ class Batcher:
                 f"{self._max_queue_rows}; retry later"
             )
         loop = asyncio.get_running_loop()
-        deadline = None if deadline_s is None else loop.time() + deadline_s
+        now = loop.time()
+        deadline = None if deadline_s is None else now + deadline_s
         if not self.enabled:
             return await self._unbatched(x, model, version, label, deadline)
         name = model or self._registry.default_model()
-        pending = _Pending(x, name, version, label, deadline, loop.create_future(), loop.time())
+        pending = _Pending(x, name, version, label, deadline, loop.create_future(), now, rows)
         self._queue.append(pending)
         self._queued_rows += rows
         self._queued_by_model[name] += rows

@@ -225,6 +225,9 @@ def add_to_server(servicer: ClassifierServicer, server: grpc.aio.Server) -> None
             servicer.ListModels, response_serializer=pb.ListModelsResponse.SerializeToString
         ),
     }
+    # Registered methods are matched by gRPC core when the call arrives, so a call skips the
+    # Python walk over generic handlers; the generic one stays for servers without them.
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
     )
