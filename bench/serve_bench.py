@@ -132,6 +132,12 @@ def start(kind: str, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen[b
     raise SystemExit(f"{kind} did not start:\n{log.read_text()}")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -183,7 +189,7 @@ async def load(target: str, images: int, concurrency: int, duration_s: float,
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
     lat = np.array(latencies)
-    return {"rps": len(lat) / elapsed, "ips": len(lat) * images / elapsed,
+    return {"rps": len(lat) / elapsed, "elapsed_s": elapsed, "ips": len(lat) * images / elapsed,
             "p50_ms": float(np.median(lat)) * 1e3, "p99_ms": float(np.percentile(lat, 99)) * 1e3,
             "errors": float(errors)}
 
@@ -242,8 +248,13 @@ def main() -> int:
                 proc, target = start(kind, repo, Path(tmp))
                 try:
                     for images, conc in SHAPES:
+                        before = cpu_s(proc.pid)
                         out = asyncio.run(load(target, images, conc, args.duration_s,
                                                args.max_requests))
+                        # Server CPU per answered request: steadier than req/s on a busy
+                        # machine (it does not count time the server's core was taken away).
+                        answered = max(1.0, out["rps"] * out["elapsed_s"])
+                        out["cpu_us"] = (cpu_s(proc.pid) - before) / answered * 1e6
                         results.setdefault((kind, images, conc), []).append(out)
                         print(f"round {r + 1} {kind:13} {images:3} img c{conc:<3} "
                               f"{out['rps']:8.0f} req/s {out['p50_ms']:7.3f} ms p50",
@@ -253,13 +264,15 @@ def main() -> int:
     med = {k: {m: statistics.median(v[m] for v in vs) for m in vs[0]} for k, vs in results.items()}
     print(f"\nmodel {'-'.join(map(str, sizes))}; medians of {args.repeats} rounds, "
           f"{args.duration_s} s per cell; server on CPU 0, client on CPU 1\n")
-    print("| server | images/req | concurrency | req/s | images/s | p50 ms | p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| server | images/req | concurrency | req/s | images/s | p50 ms | p99 ms | errors "
+          "| server CPU us/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind in servers:
         for images, conc in SHAPES:
             m = med[(kind, images, conc)]
             print(f"| {kind} | {images} | {conc} | {m['rps']:.0f} | {m['ips']:.0f} | "
-                  f"{m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['errors']:.0f} |")
+                  f"{m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['errors']:.0f} | "
+                  f"{m['cpu_us']:.0f} |")
     if {"bare-aio", "bare-threaded", "ours", "nobatch"} <= set(servers):
         def g(kind: str, images: int, conc: int, metric: str) -> float:
             return med[(kind, images, conc)][metric]
