@@ -46,7 +46,8 @@ from trainer.train import EpochRunner, TrainConfig, blas_threads
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 BATCH = 128
 CONFIG = TrainConfig(hidden=(128,), activation="relu", optimizer="adam", learning_rate=1e-3,
-                     schedule="constant", batch_size=BATCH, shift=0, l2=0.0)
+                     schedule="constant", batch_size=BATCH, shift=0, rotate=0.0, scale=0.0,
+                     dropout=0.0, label_smoothing=0.0, l2=0.0)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from test_data import dead_url, real_mnist_dir, serve
 from test_trainer_train import synthetic_digits
 
 from service.model import load_model
-from trainer.cli import build_parser, main
+from trainer.cli import build_parser, config_from_args, main
 from trainer.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, write_idx
 
 QUICK = ["--hidden", "16", "--epochs", "2", "--batch-size", "32", "--quiet"]
@@ -49,6 +49,16 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         for flag in action.option_strings:
             assert flag in out
         assert action.help, f"{action.option_strings} has no help"
+
+
+@pytest.mark.parametrize(
+    ("args", "dropout"),
+    [([], 0.1), (["--activation", "sigmoid"], 0.0), (["--activation", "tanh"], 0.0),
+     (["--dropout", "0.3"], 0.3), (["--dropout", "0"], 0.0)],
+)
+def test_dropout_defaults_to_relu_only(args: list[str], dropout: float) -> None:
+    """Like --cost, the dropout default follows the activation: it is only defined for relu."""
+    assert config_from_args(build_parser().parse_args(args)).dropout == dropout
 
 
 def test_end_to_end_json_summary_and_published_version(
@@ -108,6 +118,10 @@ def test_same_seed_same_weights_through_the_cli(
         (["--batch-size", "x"], "--batch-size"),
         (["--validation-fraction", "1.5"], "--validation-fraction"),
         (["--optimizer", "lbfgs"], "--optimizer"),
+        (["--rotate", "90"], "--rotate"),
+        (["--scale", "-0.1"], "--scale"),
+        (["--dropout", "1"], "--dropout"),
+        (["--label-smoothing", "0.9"], "--label-smoothing"),
         (["--output", "sigmoid", "--cost", "hinge"], "--cost"),
     ],
 )

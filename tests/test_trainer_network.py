@@ -64,6 +64,55 @@ def test_backprop_matches_numerical_gradient(activation: str, output_cost: tuple
         assert np.max(np.abs(analytic - expected) / scale) < 1e-5
 
 
+def test_backprop_with_dropout_matches_numerical_gradient() -> None:
+    """With the mask held fixed (same generator state each pass) dropout is a fixed
+    linear rescaling of the hidden units, and its gradient must match the numerical one."""
+    arch = Architecture((7, 6, 5, 4), ("relu", "relu"))
+    rng = np.random.default_rng(4)
+    params = init_params(arch, rng, np.float64)
+    x = rng.uniform(0, 1, (9, 7))
+    y = one_hot(rng.integers(0, 4, 9).astype(np.uint8), 4, np.float64)
+
+    def dropped_loss() -> float:
+        out = forward_cache(x, params, arch, 0.4, np.random.default_rng(11))[-1]
+        return loss(out, y, arch)
+
+    outs = forward_cache(x, params, arch, 0.4, np.random.default_rng(11))
+    assert (outs[1] == 0).mean() > 0.3  # the mask really dropped units
+    grads = backward(outs, y, params, arch, dropout=0.4)
+    for analytic, p in zip(grads.arrays(), params.arrays(), strict=True):
+        for idx in np.ndindex(p.shape):
+            saved = p[idx]
+            p[idx] = saved + 1e-6
+            up = dropped_loss()
+            p[idx] = saved - 1e-6
+            down = dropped_loss()
+            p[idx] = saved
+            expected = (up - down) / 2e-6
+            assert abs(analytic[idx] - expected) <= 1e-5 * max(abs(analytic[idx]) + abs(expected),
+                                                               1e-8)
+
+
+def test_backprop_with_smoothed_targets_matches_numerical_gradient() -> None:
+    arch = Architecture((7, 6, 4), ("relu",))
+    rng = np.random.default_rng(5)
+    params = init_params(arch, rng, np.float64)
+    x = rng.uniform(0, 1, (9, 7))
+    y = one_hot(rng.integers(0, 4, 9).astype(np.uint8), 4, np.float64) * 0.9 + 0.1 / 4
+    grads = backward(forward_cache(x, params, arch), y, params, arch)
+    for analytic, expected in zip(grads.arrays(), _numerical_gradient(params, arch, x, y, 1e-6),
+                                  strict=True):
+        scale = np.maximum(np.abs(analytic) + np.abs(expected), 1e-8)
+        assert np.max(np.abs(analytic - expected) / scale) < 1e-5
+
+
+def test_dropout_without_a_generator_is_refused() -> None:
+    arch = Architecture((7, 6, 4), ("relu",))
+    params = init_params(arch, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="generator"):
+        forward_cache(np.zeros((2, 7), np.float32), params, arch, 0.5)
+
+
 def test_training_forward_is_the_shared_forward() -> None:
     arch = Architecture((784, 32, 16, 10), ("tanh", "tanh"))
     params = init_params(arch, np.random.default_rng(0))

@@ -35,7 +35,9 @@ def synthetic_dataset(n_train: int = 400, n_test: int = 200) -> Dataset:
     return Dataset(tx, ty, vx, vy, {"synthetic": "0" * 64})
 
 
-FAST = TrainConfig(hidden=(32,), epochs=4, batch_size=32, shift=1, seed=5)
+# Shifts only, no other regularisation: the plain recipe the tests below vary one knob of.
+FAST = TrainConfig(hidden=(32,), epochs=4, batch_size=32, shift=1, rotate=0.0, scale=0.0,
+                   dropout=0.0, label_smoothing=0.0, seed=5)
 
 
 def test_learns_the_synthetic_classes() -> None:
@@ -53,6 +55,29 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not() -> None:
         assert wa.tobytes() == wb.tobytes()
         assert wa.tobytes() != wc.tobytes()
     assert a.result.history[-1].loss == b.result.history[-1].loss
+
+
+def test_rotation_and_scaling_train_reproducibly() -> None:
+    config = dataclasses.replace(FAST, rotate=10.0, scale=0.1)
+    data = synthetic_dataset()
+    a, b = run(config, data), run(config, data)
+    plain = run(FAST, data)
+    assert a.test.accuracy > 0.9
+    for wa, wb, wp in zip(a.model.weights, b.model.weights, plain.model.weights, strict=True):
+        assert wa.tobytes() == wb.tobytes()
+        assert wa.tobytes() != wp.tobytes()  # the warp really changed what was seen
+    assert a.model.metadata["training"]["rotate"] == 10.0
+
+
+@pytest.mark.parametrize("change", [{"dropout": 0.2}, {"label_smoothing": 0.1}])
+def test_dropout_and_label_smoothing_train_reproducibly(change: dict[str, float]) -> None:
+    config = dataclasses.replace(FAST, epochs=6, **change)  # type: ignore[arg-type]
+    data = synthetic_dataset()
+    a, b, plain = run(config, data), run(config, data), run(FAST, data)
+    assert a.test.accuracy > 0.9
+    assert a.model.weights[0].tobytes() == b.model.weights[0].tobytes()
+    assert a.model.weights[0].tobytes() != plain.model.weights[0].tobytes()
+    assert a.model.metadata["training"] | change == a.model.metadata["training"]
 
 
 def test_float64_training_publishes_float32(tmp_path: Path) -> None:
@@ -109,7 +134,9 @@ def test_metadata_records_what_the_format_requires(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change",
     [{"hidden": (0,)}, {"learning_rate": -1.0}, {"epochs": 0}, {"batch_size": 0},
-     {"validation_fraction": 1.0}, {"activation": "gelu"}, {"cost": "hinge"}],
+     {"validation_fraction": 1.0}, {"activation": "gelu"}, {"cost": "hinge"},
+     {"rotate": 90.0}, {"scale": 0.9}, {"scale": -0.1}, {"dropout": 1.0},
+     {"dropout": 0.5, "activation": "tanh"}, {"label_smoothing": 1.0}],
 )
 def test_nonsense_configs_are_refused(change: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=r"must|one of"):

@@ -147,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--shift", type=_bounded(int, 0, 8), default=d.shift,
                      help="augment by random translations of up to this many pixels, "
                           f"0 = off (default: {d.shift})")
+    opt.add_argument("--rotate", type=_bounded(float, 0, 45), default=d.rotate,
+                     help="augment by random rotations of up to this many degrees either way, "
+                          f"0 = off (default: {d.rotate:g})")
+    opt.add_argument("--scale", type=_bounded(float, 0, 0.5), default=d.scale,
+                     help="augment by random size changes of up to this fraction either way "
+                          f"(0.1 = 0.9x to 1.1x), 0 = off (default: {d.scale:g})")
+    opt.add_argument("--dropout", type=_bounded(float, 0, 0.9), default=None,
+                     help="while training, zero each hidden unit with this probability "
+                          f"(relu only), 0 = off (default: {d.dropout:g} for relu, 0 for "
+                          "sigmoid/tanh)")
+    opt.add_argument("--label-smoothing", type=_bounded(float, 0, 0.5),
+                     default=d.label_smoothing,
+                     help="train towards targets with this share spread evenly over the "
+                          f"classes, 0 = plain one-hot (default: {d.label_smoothing:g})")
     opt.add_argument("--max-train", type=_bounded(int, 0), default=d.max_train,
                      help="use at most this many training images, 0 = all (default: 0)")
 
@@ -167,13 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cost = args.cost or ("mse" if args.output == "sigmoid" else "cross_entropy")
+    dropout = args.dropout if args.dropout is not None else (
+        DEFAULTS.dropout if args.activation == "relu" else 0.0)
     config = TrainConfig(
         hidden=args.hidden, activation=args.activation, output=args.output, cost=cost,
         optimizer=args.optimizer, learning_rate=args.lr, schedule=args.schedule,
         momentum=args.momentum, l2=args.l2, batch_size=args.batch_size, epochs=args.epochs,
         patience=args.patience, validation_fraction=args.validation_fraction,
-        shift=args.shift, seed=args.seed, dtype=args.dtype, threads=args.threads,
-        max_train=args.max_train,
+        shift=args.shift, rotate=args.rotate, scale=args.scale, dropout=dropout,
+        label_smoothing=args.label_smoothing, seed=args.seed,
+        dtype=args.dtype, threads=args.threads, max_train=args.max_train,
     )
     config.validate()
     return config

@@ -107,11 +107,16 @@ def init_params(arch: Architecture, rng: np.random.Generator, dtype: type = np.f
     return params
 
 
-def forward_cache(x: Array, params: Params, arch: Architecture) -> list[Array]:
+def forward_cache(
+    x: Array, params: Params, arch: Architecture, dropout: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> list[Array]:
     """Every layer's output, input first; the last is the output layer's activation.
 
     The derivatives of relu, sigmoid, tanh and the outputs are all functions of the
-    activation itself, so the pre-activations need not be kept.
+    activation itself, so the pre-activations need not be kept. With `dropout` > 0 (training
+    only, ReLU only) each hidden unit is zeroed with that probability and the survivors are
+    scaled by 1 / (1 - dropout) ("inverted" dropout), so the saved model needs no change.
     """
     outs = [x]
     a = x
@@ -120,6 +125,11 @@ def forward_cache(x: Array, params: Params, arch: Architecture) -> list[Array]:
         z = a @ w
         z += b
         a = ACTIVATIONS[arch.activations[i] if i < last else arch.output](z)
+        if dropout and i < last:
+            if rng is None:
+                raise ValueError("dropout needs a random generator")
+            a *= rng.random(a.shape, dtype=a.dtype) >= dropout
+            a *= a.dtype.type(1.0 / (1.0 - dropout))
         outs.append(a)
     return outs
 
@@ -130,8 +140,8 @@ def loss(out: Array, y: Array, arch: Architecture) -> float:
     if arch.cost == "mse":
         return float(0.5 * np.square(out - y).sum() / n)
     tiny = np.finfo(out.dtype).tiny
-    if arch.output == "softmax":
-        return float(-np.log(np.maximum((out * y).sum(axis=1), tiny)).sum() / n)
+    if arch.output == "softmax":  # y may be smoothed: any distribution over the classes
+        return float(-(y * np.log(np.maximum(out, tiny))).sum() / n)
     # Sigmoid outputs with cross-entropy: ten independent binary cross-entropies.
     ce = y * np.log(np.maximum(out, tiny)) + (1 - y) * np.log(np.maximum(1 - out, tiny))
     return float(-ce.sum() / n)
@@ -139,9 +149,13 @@ def loss(out: Array, y: Array, arch: Architecture) -> float:
 
 def backward(
     outs: Sequence[Array], y: Array, params: Params, arch: Architecture,
-    out: Params | None = None,
+    out: Params | None = None, dropout: float = 0.0,
 ) -> Params:
-    """Gradients of the mean cost for the whole batch, written into `out` when given."""
+    """Gradients of the mean cost for the whole batch, written into `out` when given.
+
+    `dropout` must be the rate `forward_cache` used: a dropped ReLU unit's output is 0, so
+    `prev > 0` already carries the mask and only the survivors' 1 / (1 - dropout) remains.
+    """
     a = outs[-1]
     n = a.shape[0]
     delta = a - y
@@ -163,6 +177,8 @@ def backward(
         act = arch.activations[i - 1]
         if act == "relu":
             delta *= prev > 0
+            if dropout:
+                delta *= delta.dtype.type(1.0 / (1.0 - dropout))
         elif act == "sigmoid":
             delta *= prev * (1 - prev)
         else:  # tanh

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from service.model import INPUT_SIZE, NUM_CLASSES, Model, build_model, forward, pixels_to_input
 from trainer import __version__
-from trainer.augment import random_shift
+from trainer.augment import random_affine, random_shift
 from trainer.data import Dataset
 from trainer.network import (
     Architecture,
@@ -44,12 +44,13 @@ N_PROBE_IMAGES = 8
 class TrainConfig:
     """Every knob of a run; recorded verbatim in the model's metadata.
 
-    The defaults are the recipe of the committed models/mnist/1 (docs/training.md): on the
-    5,000-digit subset a wide single layer with shift augmentation, a little L2 and a cosine
-    schedule generalised best of the recipes tried.
+    The defaults are the recipe of the committed models/mnist/1 (docs/training.md): the
+    serving budget caps the first hidden layer at 128 units, and on the 5,000-digit subset
+    two 128-unit layers with shift + rotation + scaling augmentation, 200 cosine-scheduled
+    epochs, light dropout and label smoothing scored best on validation of the recipes tried.
     """
 
-    hidden: tuple[int, ...] = (1024,)
+    hidden: tuple[int, ...] = (128, 128)
     activation: str = "relu"
     output: str = "softmax"
     cost: str = "cross_entropy"
@@ -59,10 +60,14 @@ class TrainConfig:
     momentum: float = 0.9
     l2: float = 1e-4
     batch_size: int = 64
-    epochs: int = 100
+    epochs: int = 200
     patience: int = 0  # epochs without a better validation accuracy before stopping; 0 = never
     validation_fraction: float = 0.1
     shift: int = 2  # largest random translation in pixels; 0 = no augmentation
+    rotate: float = 10.0  # largest random rotation in degrees; 0 = none
+    scale: float = 0.1  # largest random relative size change (0.1 = 0.9x..1.1x); 0 = none
+    dropout: float = 0.1  # probability of zeroing each hidden ReLU unit while training
+    label_smoothing: float = 0.1  # share of each target spread evenly over all classes
     seed: int = 0
     dtype: str = "float32"
     threads: int = 1  # BLAS threads; one is fastest for these sizes on 2 cores
@@ -88,6 +93,13 @@ class TrainConfig:
             (0 < self.validation_fraction < 1,
              f"validation fraction must be in (0, 1), got {self.validation_fraction}"),
             (0 <= self.shift <= 8, f"shift must be 0..8 pixels, got {self.shift}"),
+            (0 <= self.rotate <= 45, f"rotate must be 0..45 degrees, got {self.rotate}"),
+            (0 <= self.scale <= 0.5, f"scale must be 0..0.5, got {self.scale}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (not self.dropout or self.activation == "relu",
+             f"dropout must go with relu hidden layers, got {self.activation!r}"),
+            (0 <= self.label_smoothing < 1,
+             f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.dtype in ("float32", "float64"),
              f"dtype must be float32 or float64, got {self.dtype!r}"),
@@ -200,16 +212,27 @@ class EpochRunner:
         self.scale = self.dtype(1.0 / 255.0)
         # Without augmentation the float inputs never change: convert them once.
         self.x_all: npt.NDArray[Any] | None = None
-        if not config.shift:
+        if not self.augmented:
             self.x_all = images.reshape(self.n, -1).astype(self.dtype)
             self.x_all *= self.scale
+
+    @property
+    def augmented(self) -> bool:
+        return bool(self.config.shift or self.config.rotate or self.config.scale)
+
+    def augment(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """Shifts alone keep their exact integer gather (and its random stream); rotation or
+        scaling switches to the bilinear affine warp, which includes the shift."""
+        c = self.config
+        if c.rotate or c.scale:
+            return random_affine(images, c.shift, c.rotate, c.scale, self.rng)
+        return random_shift(images, c.shift, self.rng)
 
     def run(self) -> tuple[float, float, float]:
         """Train one epoch; returns (mean loss, training accuracy, last learning rate)."""
         config, n, arch, params = self.config, self.n, self.arch, self.params
         order = self.rng.permutation(n)
-        source = (random_shift(self.images[order], config.shift, self.rng)
-                  if config.shift else None)
+        source = self.augment(self.images[order]) if self.augmented else None
         loss_sum, correct = 0.0, 0
         lr = config.learning_rate
         for b in range(self.batches):
@@ -223,10 +246,13 @@ class EpochRunner:
                 xb = self.x_all[order[lo:hi]]
             yb_labels = self.labels[order[lo:hi]]
             yb = one_hot(yb_labels, NUM_CLASSES, self.dtype)
-            outs = forward_cache(xb, params, arch)
+            if config.label_smoothing:
+                yb *= self.dtype(1.0 - config.label_smoothing)
+                yb += self.dtype(config.label_smoothing / NUM_CLASSES)
+            outs = forward_cache(xb, params, arch, config.dropout, self.rng)
             loss_sum += loss(outs[-1], yb, arch) * (hi - lo)
             correct += int((outs[-1].argmax(axis=1) == yb_labels).sum())
-            backward(outs, yb, params, arch, out=self.grads)
+            backward(outs, yb, params, arch, out=self.grads, dropout=config.dropout)
             lr = learning_rate(config.schedule, config.learning_rate, self.step,
                                self.total_steps)
             self.optimizer.step(params, self.grads, lr)
