@@ -22,24 +22,16 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from service.codec import VERSION_STATES
 from service.config import Settings
 from service.errors import InvalidInput, ServiceError, Unauthenticated, status_of
 from service.metrics import Metrics
 from service.pb.mnist.v1 import admin_pb2 as pb
-from service.pb.mnist.v1 import classifier_pb2
-from service.registry import ModelRegistry, ModelStatus, VersionState
+from service.registry import ModelRegistry, ModelStatus
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "mnist.v1.Admin"
-
-_STATES = {
-    VersionState.LOADING: classifier_pb2.VERSION_STATE_LOADING,
-    VersionState.AVAILABLE: classifier_pb2.VERSION_STATE_AVAILABLE,
-    VersionState.FAILED: classifier_pb2.VERSION_STATE_FAILED,
-    VersionState.UNLOADED: classifier_pb2.VERSION_STATE_UNLOADED,
-}
-
 
 def encode_status(status: ModelStatus) -> pb.AdminModelStatus:
     return pb.AdminModelStatus(
@@ -49,7 +41,7 @@ def encode_status(status: ModelStatus) -> pb.AdminModelStatus:
         policy=status.policy,
         versions=[
             pb.AdminVersionStatus(
-                version=v.version, state=_STATES[v.state], reason=v.reason, detail=v.detail,
+                version=v.version, state=VERSION_STATES[v.state], reason=v.reason, detail=v.detail,
                 labels=list(v.labels),
             )
             for v in status.versions

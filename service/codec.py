@@ -28,7 +28,8 @@ _DTYPES: dict[int, np.dtype[Any]] = {
     pb.ENCODING_FLOAT32_LE: np.dtype("<f4"),
 }
 _KNOWN = "ENCODING_UINT8 (1) or ENCODING_FLOAT32_LE (2)"
-_STATES = {
+# The wire value of each registry state; the Admin API reuses it.
+VERSION_STATES = {
     VersionState.LOADING: pb.VERSION_STATE_LOADING,
     VersionState.AVAILABLE: pb.VERSION_STATE_AVAILABLE,
     VersionState.FAILED: pb.VERSION_STATE_FAILED,
@@ -149,7 +150,7 @@ def model_info(
     for v in status.versions:
         info.versions.add(
             version=v.version,
-            state=_STATES.get(v.state, pb.VERSION_STATE_UNSPECIFIED),
+            state=VERSION_STATES.get(v.state, pb.VERSION_STATE_UNSPECIFIED),
             reason=v.reason,
         )
     for label, version in status.labels.items():
