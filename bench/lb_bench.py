@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import socket
 import statistics
@@ -30,46 +29,39 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, closed_loop, env_without, free_port, stop, wait_until_ready
+
 sys.path.insert(0, str(ROOT / "tests"))
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from conftest import make_model, uint8_request, write_version  # noqa: E402
-from deploy_support import nginx_command, nginx_version, render_nginx  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+import grpc
+import numpy as np
+from conftest import make_model, uint8_request, write_version
+from deploy_support import nginx_command, nginx_version, render_nginx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
+from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
 NGINX = str(ROOT / ".tools" / "bin" / "nginx")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def serving(ch: grpc.Channel) -> bool:
+    """The replica's health service says SERVING (a model is loaded)."""
+    check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    return bool(check.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def start_replica(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A replica configured as compose configures it (MNIST_* environment), not pinned."""
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MNIST_")},
+    env = {**env_without("MNIST_"),
            "MNIST_MODEL_DIR": str(repo), "MNIST_HOST": "127.0.0.1", "MNIST_PORT": str(port),
            "MNIST_METRICS_ENABLED": "false", "MNIST_RESCAN_INTERVAL_S": "0",
            "MNIST_GRACE_PERIOD_S": "5"}
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, port
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise RuntimeError(f"replica did not start; see {log}")
+    wait_until_ready(proc, f"127.0.0.1:{port}", serving, log, "replica")
+    return proc, port
 
 
 def start_nginx(tmp: Path, name: str, ports: list[int]) -> tuple[subprocess.Popen[bytes], int]:
@@ -88,41 +80,15 @@ def start_nginx(tmp: Path, name: str, ports: list[int]) -> tuple[subprocess.Pope
     raise RuntimeError("nginx did not start")
 
 
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def load(port: int, concurrency: int, duration_s: float) -> tuple[float, float, int]:
     """(req/s, p50 latency s, failures) of 1-image Classify for duration_s."""
     request = uint8_request(np.zeros((1, 28, 28), dtype=np.uint8))
-    latencies: list[float] = []
-    failures = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = pb_grpc.ClassifierStub(ch)
         for _ in range(20):
             await stub.Classify(request, timeout=10)  # warm connections
-        end = time.perf_counter() + duration_s
-
-        async def worker() -> None:
-            nonlocal failures
-            while time.perf_counter() < end:
-                t0 = time.perf_counter()
-                try:
-                    await stub.Classify(request, timeout=10)
-                    latencies.append(time.perf_counter() - t0)
-                except grpc.aio.AioRpcError:
-                    failures += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    return len(latencies) / elapsed, statistics.median(latencies), failures
+        result = await closed_loop(stub.Classify, request, concurrency, duration_s, timeout_s=10)
+    return result.rps, statistics.median(result.latencies_s), result.errors
 
 
 async def stop_mid_traffic(lb_port: int, victim: subprocess.Popen[bytes]) -> list[str]:

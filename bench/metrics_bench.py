@@ -27,129 +27,60 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import grpc
+import numpy as np
+from common import (
+    CLASSIFY,
+    classify_probe,
+    classify_request,
+    closed_loop,
+    cpu_s,
+    env_without,
+    free_port,
+    model_repo,
+    scrape_metrics,
+    service_command,
+    start_server,
+    stop,
+)
+from prometheus_client import CollectorRegistry
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-from service.metrics import Metrics, _BulkHistogram  # noqa: E402
-from service.pb.mnist.v1 import classifier_pb2 as pb  # noqa: E402
-
-METHOD = "/mnist.v1.Classifier/Classify"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def model_repo(tmp: Path) -> Path:
-    """The committed default model if there is one, else a 784-128-10 random MLP."""
-    if (ROOT / "models" / "mnist" / "1").is_dir():
-        return ROOT / "models"
-    from service.model import build_model, save_model
-
-    rng = np.random.default_rng(0)
-    ws = [rng.normal(0, 0.05, (784, 128)).astype(np.float32),
-          rng.normal(0, 0.2, (128, 10)).astype(np.float32)]
-    bs = [np.zeros(128, np.float32), np.zeros(10, np.float32)]
-    meta = {"cost": "cross_entropy", "input": {"shape": [28, 28], "scale": "0..1"},
-            "labels": [str(i) for i in range(10)], "training": {}, "data": {},
-            "metrics": {}, "created_at": "2026-01-01T00:00:00Z", "trainer_version": "bench"}
-    (tmp / "mnist" / "1").mkdir(parents=True)
-    save_model(build_model(ws, bs, ["relu"], "softmax", meta, rng.random((2, 784))),
-               tmp / "mnist" / "1")
-    return tmp
+from service.metrics import Metrics, _BulkHistogram
 
 
-def pin(cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if os.cpu_count() and os.cpu_count() > 1 else []  # type: ignore[operator]
-
-
-def start_server(metrics: bool, repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, int]:
+def start_server_pair_member(metrics: bool, repo: Path,
+                             log: Path) -> tuple[subprocess.Popen[bytes], str, int]:
+    """`metrics` (exporter on) or `nometrics` (--no-metrics-enabled), pinned to CPU 0; returns
+    the process, its target and its /metrics port."""
     port, metrics_port = free_port(), free_port()
-    flags = (["--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port)] if metrics
-             else ["--no-metrics-enabled"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNIST_", "PROMETHEUS_"))}
-    proc = subprocess.Popen(
-        [*pin(0), sys.executable, "-m", "service", "--model-dir", str(repo), "--host",
-         "127.0.0.1", "--port", str(port), "--rescan-interval-s", "0", "--log-level", "WARNING",
-         *flags],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(target) as ch:
-                grpc.channel_ready_future(ch).result(timeout=1)
-                ch.unary_unary(METHOD)(request(1), timeout=5)
-            return proc, target, metrics_port
-        except (grpc.FutureTimeoutError, grpc.RpcError):
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited: {log.read_text()}") from None
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not start: {log.read_text()}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def request(images: int) -> bytes:
-    rng = np.random.default_rng(images)
-    return pb.ClassifyRequest(
-        pixels=rng.integers(0, 256, (images, 784), dtype=np.uint8).tobytes(),
-        encoding=pb.ENCODING_UINT8,
-    ).SerializeToString()
+    proc, target = start_server(
+        service_command(repo, port, metrics_port=metrics_port if metrics else None), port, log,
+        classify_probe(classify_request(1)), env=env_without("MNIST_", "PROMETHEUS_"))
+    return proc, target, metrics_port
 
 
 async def load(target: str, images: int, concurrency: int, duration_s: float,
                scrape_port: int | None) -> float:
-    """Requests per second over `duration_s`, `concurrency` callers each in a closed loop."""
-    payload = request(images)
-    done = 0
+    """Requests per second over `duration_s`, `concurrency` callers each in a closed loop,
+    with /metrics scraped every second alongside if `scrape_port` is set."""
+    async def scraper(end: float) -> None:
+        while scrape_port is not None and time.perf_counter() < end:
+            await asyncio.to_thread(scrape_metrics, scrape_port)
+            await asyncio.sleep(1.0)
+
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD)
-        end = time.perf_counter() + duration_s
-
-        async def caller() -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                await call(payload, timeout=30)
-                done += 1
-
-        async def scraper() -> None:
-            while scrape_port is not None and time.perf_counter() < end:
-                await asyncio.to_thread(
-                    lambda: urllib.request.urlopen(
-                        f"http://127.0.0.1:{scrape_port}/metrics", timeout=5).read())
-                await asyncio.sleep(1.0)
-
-        start = time.perf_counter()
-        await asyncio.gather(scraper(), *(caller() for _ in range(concurrency)))
-        return done / (time.perf_counter() - start)
+        result = await closed_loop(channel.unary_unary(CLASSIFY), classify_request(images),
+                                   concurrency, duration_s, alongside=scraper)
+    if result.errors:
+        raise SystemExit(f"{result.errors} requests failed during the benchmark")
+    return result.rps
 
 
 async def load_both(targets: tuple[str, str], images: int, concurrency: int, duration_s: float,
@@ -161,15 +92,9 @@ async def load_both(targets: tuple[str, str], images: int, concurrency: int, dur
     return on, off
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) the process has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def batch_rows_so_far(port: int) -> tuple[float, float]:
     """(rows, batches) the metrics-on server has run, from its own /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = scrape_metrics(port)
     total = {"sum": 0.0, "count": 0.0}
     for line in text.splitlines():
         for kind in total:
@@ -188,8 +113,8 @@ def part1(args: argparse.Namespace) -> list[Row]:
     simultaneous: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = model_repo(Path(tmp) / "models")
-        on, target_on, scrape_port = start_server(True, repo, Path(tmp) / "on.log")
-        off, target_off, _ = start_server(False, repo, Path(tmp) / "off.log")
+        on, target_on, scrape_port = start_server_pair_member(True, repo, Path(tmp) / "on.log")
+        off, target_off, _ = start_server_pair_member(False, repo, Path(tmp) / "off.log")
         try:
             for images, conc in [(1, 64), (1, 8), (16, 32)]:
                 # warm up both

@@ -17,30 +17,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import itertools
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import timeit
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import grpc
+import numpy as np
+from common import (
+    CLASSIFY,
+    free_port,
+    measure_cell,
+    median_per_metric,
+    model_repo,
+    pin_self,
+    random_pixels,
+    service_command,
+    start_server,
+    stop,
+)
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
+from service.pb.inference import grpc_service_pb2 as v2
+from service.pb.mnist.v1 import classifier_pb2 as native
 
-from service.pb.inference import grpc_service_pb2 as v2  # noqa: E402
-from service.pb.mnist.v1 import classifier_pb2 as native  # noqa: E402
-
-METHODS = {"native": "/mnist.v1.Classifier/Classify",
+METHODS = {"native": CLASSIFY,
            "v2": "/inference.GRPCInferenceService/ModelInfer"}
 DTYPES = ("uint8", "fp32")
 # 256-image requests at c8, not c64: 64 x 256 rows passes the default queue bound (8192) and
@@ -51,61 +55,16 @@ CELLS = [(i, d, c) for i, cs in ((1, (1, 64)), (256, (1, 8))) for d in DTYPES fo
 # --- the server, started as serve_bench starts "ours" ---------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def model_repo(tmp: Path) -> Path:
-    """The committed default model if there is one, else a 784-128-10 random MLP."""
-    if (ROOT / "models" / "mnist" / "1").is_dir():
-        return ROOT / "models"
-    from service.model import build_model, save_model
-
-    rng = np.random.default_rng(0)
-    sizes = [784, 128, 10]
-    ws = [rng.normal(0, 0.05, (a, b)) for a, b in itertools.pairwise(sizes)]
-    meta = {"cost": "x", "input": {}, "labels": [str(i) for i in range(10)], "training": {},
-            "data": {}, "metrics": {}, "created_at": "", "trainer_version": "bench"}
-    model = build_model(ws, [np.zeros(b) for b in sizes[1:]], ["relu"], "softmax", meta,
-                        rng.random((2, 784)))
-    (tmp / "mnist" / "1").mkdir(parents=True)
-    save_model(model, tmp / "mnist" / "1")
-    return tmp
-
-
 def start(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`python -m service` pinned to CPU 0; returns once both APIs answer."""
+    def both_apis_answer(ch: grpc.Channel) -> bool:
+        for api, method in METHODS.items():
+            ch.unary_unary(method)(payload(api, 1, "uint8"), timeout=5)
+        return True
+
     port = free_port()
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "service", "--model-dir", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()),
-           "--metrics-host", "127.0.0.1", "--rescan-interval-s", "0", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log_path.read_text()}")
-        try:
-            with grpc.insecure_channel(target) as ch:
-                grpc.channel_ready_future(ch).result(timeout=0.5)
-                for api, method in METHODS.items():
-                    ch.unary_unary(method)(payload(api, 1, "uint8"), timeout=5)
-            return proc, target
-        except (grpc.FutureTimeoutError, grpc.RpcError):
-            time.sleep(0.1)
-    stop(proc)
-    raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    return start_server(service_command(model_dir, port, metrics_port=free_port()), port,
+                        log_path, both_apis_answer)
 
 
 # --- the load generator ---------------------------------------------------------------------
@@ -113,8 +72,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def payload(api: str, images: int, dtype: str) -> bytes:
     """The same pixels for both APIs, serialized once."""
-    rng = np.random.default_rng(images)
-    pixels = rng.integers(0, 256, (images, 784), dtype=np.uint8)
+    pixels = random_pixels(images)
     data = pixels.tobytes() if dtype == "uint8" else (pixels / 255).astype("<f4").tobytes()
     if api == "native":
         encoding = native.ENCODING_UINT8 if dtype == "uint8" else native.ENCODING_FLOAT32_LE
@@ -129,35 +87,9 @@ def payload(api: str, images: int, dtype: str) -> bytes:
 
 async def load(target: str, api: str, images: int, dtype: str, concurrency: int,
                duration_s: float, max_requests: int) -> dict[str, float]:
-    body = payload(api, images, dtype)
-    latencies: list[float] = []
-    errors = 0
-    options = [("grpc.max_receive_message_length", 64 << 20),
-               ("grpc.max_send_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as ch:
-        call = ch.unary_unary(METHODS[api])
-        for _ in range(3):  # warm up (and fail loudly if the API is not there)
-            await call(body, timeout=10)
-        stop_at = time.perf_counter() + duration_s
-
-        async def worker() -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at and len(latencies) < max_requests:
-                t0 = time.perf_counter()
-                try:
-                    await call(body, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    lat = np.array(latencies)
-    return {"rps": len(lat) / elapsed, "ips": len(lat) * images / elapsed,
-            "p50_ms": float(np.median(lat)) * 1e3, "p99_ms": float(np.percentile(lat, 99)) * 1e3,
-            "errors": float(errors)}
+    """One cell of one API: common.measure_cell of this API's pre-serialized request."""
+    return await measure_cell(target, METHODS[api], payload(api, images, dtype), images,
+                              concurrency, duration_s, max_requests)
 
 
 def main() -> int:
@@ -166,7 +98,7 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=200_000, help="per cell")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; medians reported")
     args = parser.parse_args()
-    os.sched_setaffinity(0, {1})  # the load generator on the other core
+    pin_self(1)  # the load generator on the other core
     results: dict[tuple[str, int, str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         repo = model_repo(Path(tmp))
@@ -188,7 +120,7 @@ def main() -> int:
                               file=sys.stderr)
             finally:
                 stop(proc)
-    med = {k: {m: statistics.median(v[m] for v in vs) for m in vs[0]} for k, vs in results.items()}
+    med = median_per_metric(results)
 
     def paired(images: int, dtype: str, conc: int, metric: str) -> float:
         """Median over rounds of v2/native measured back to back: drift cancels out."""

@@ -19,28 +19,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
-import os
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import grpc
+from common import (
+    BIG_MESSAGES,
+    CLASSIFY,
+    classify_probe,
+    classify_request,
+    cpu_s,
+    free_port,
+    measure_cell,
+    median_per_metric,
+    model_repo,
+    pin_self,
+    service_command,
+    start_server,
+    stop,
+)
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
+from service.pb.mnist.v1 import classifier_pb2 as pb
 
-from service.pb.mnist.v1 import classifier_pb2 as pb  # noqa: E402
-
-METHOD = "/mnist.v1.Classifier/Classify"
 EXTRA: list[str] = []
 SERVERS = ("bare-aio", "bare-threaded", "nobatch", "ours")
 # (images per request, concurrency)
@@ -63,8 +67,7 @@ def _bare_reply(raw: bytes, cache: dict[int, bytes]) -> bytes:
 
 def run_bare(kind: str, port: int) -> None:
     cache: dict[int, bytes] = {}
-    options = [("grpc.max_receive_message_length", 64 << 20),
-               ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)]
+    options = [*BIG_MESSAGES, ("grpc.so_reuseport", 0)]
     if kind == "aio":
         async def handle(raw: bytes, context: Any) -> bytes:
             return _bare_reply(raw, cache)
@@ -95,123 +98,17 @@ def run_bare(kind: str, port: int) -> None:
 
 # --- starting servers ---------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(kind: str, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """One of SERVERS on CPU 0, returned once it answers a packed 1-image request."""
     port = free_port()
-    pin = ["taskset", "-c", "0"]
     if kind.startswith("bare-"):
         cmd = [sys.executable, __file__, "--bare", kind.removeprefix("bare-"), "--port", str(port)]
     else:
-        cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host",
-               "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()),
-               "--metrics-host", "127.0.0.1", "--rescan-interval-s", "0", "--log-level",
-               "WARNING"]
-        cmd += EXTRA
+        cmd = service_command(model_dir, port, metrics_port=free_port(), extra=EXTRA)
         if kind == "nobatch":
             cmd.append("--no-batching")
-    log = log_dir / f"{kind}.log"
-    proc = subprocess.Popen(pin + cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{kind} exited:\n{log.read_text()}")
-        try:
-            with grpc.insecure_channel(target) as ch:
-                grpc.channel_ready_future(ch).result(timeout=0.5)
-                ch.unary_unary(METHOD)(request_bytes(1), timeout=5)
-            return proc, target
-        except (grpc.FutureTimeoutError, grpc.RpcError):
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"{kind} did not start:\n{log.read_text()}")
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-# --- the load generator -------------------------------------------------------------------
-
-_REQUESTS: dict[int, bytes] = {}
-
-
-def request_bytes(images: int) -> bytes:
-    if images not in _REQUESTS:
-        pixels = np.random.default_rng(images).integers(0, 256, (images, 784), dtype=np.uint8)
-        _REQUESTS[images] = pb.ClassifyRequest(
-            pixels=pixels.tobytes(), encoding=pb.ENCODING_UINT8, packed_output=True,
-        ).SerializeToString()
-    return _REQUESTS[images]
-
-
-async def load(target: str, images: int, concurrency: int, duration_s: float,
-               max_requests: int) -> dict[str, float]:
-    payload = request_bytes(images)
-    latencies: list[float] = []
-    errors = 0
-    options = [("grpc.max_receive_message_length", 64 << 20),
-               ("grpc.max_send_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as ch:
-        call = ch.unary_unary(METHOD)
-        for _ in range(3):  # warm up
-            await call(payload, timeout=10)
-        stop_at = time.perf_counter() + duration_s
-
-        async def worker() -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at and len(latencies) < max_requests:
-                t0 = time.perf_counter()
-                try:
-                    await call(payload, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    lat = np.array(latencies)
-    return {"rps": len(lat) / elapsed, "elapsed_s": elapsed, "ips": len(lat) * images / elapsed,
-            "p50_ms": float(np.median(lat)) * 1e3, "p99_ms": float(np.percentile(lat, 99)) * 1e3,
-            "errors": float(errors)}
-
-
-# --- the run ------------------------------------------------------------------------------
-
-def model_repo(tmp: Path, hidden: int) -> Path:
-    """The committed default model, or (--hidden N) a synthetic 784-N-10 one."""
-    if not hidden and (ROOT / "models" / "mnist" / "1").is_dir():
-        return ROOT / "models"
-    from service.model import build_model, save_model
-
-    rng = np.random.default_rng(0)
-    sizes = [784, hidden or 128, 10]
-    ws = [rng.normal(0, 0.05, (a, b)) for a, b in itertools.pairwise(sizes)]
-    bs = [np.zeros(b) for b in sizes[1:]]
-    meta = {"cost": "x", "input": {}, "labels": [str(i) for i in range(10)], "training": {},
-            "data": {}, "metrics": {}, "created_at": "", "trainer_version": "bench"}
-    model = build_model(ws, bs, ["relu"], "softmax", meta, rng.random((2, 784)))
-    (tmp / "mnist" / "1").mkdir(parents=True)
-    save_model(model, tmp / "mnist" / "1")
-    return tmp
+    return start_server(cmd, port, log_dir / f"{kind}.log",
+                        classify_probe(classify_request(1, packed_output=True)), name=kind)
 
 
 def main() -> int:
@@ -230,7 +127,7 @@ def main() -> int:
     if args.bare:
         run_bare(args.bare, args.port)
         return 0
-    os.sched_setaffinity(0, {1})  # the load generator on the other core
+    pin_self(1)  # the load generator on the other core
     servers = args.servers.split(",")
     if args.shapes:
         SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -249,8 +146,9 @@ def main() -> int:
                 try:
                     for images, conc in SHAPES:
                         before = cpu_s(proc.pid)
-                        out = asyncio.run(load(target, images, conc, args.duration_s,
-                                               args.max_requests))
+                        out = asyncio.run(measure_cell(
+                            target, CLASSIFY, classify_request(images, packed_output=True),
+                            images, conc, args.duration_s, args.max_requests))
                         # Server CPU per answered request: steadier than req/s on a busy
                         # machine (it does not count time the server's core was taken away).
                         answered = max(1.0, out["rps"] * out["elapsed_s"])
@@ -261,7 +159,7 @@ def main() -> int:
                               file=sys.stderr)
                 finally:
                     stop(proc)
-    med = {k: {m: statistics.median(v[m] for v in vs) for m in vs[0]} for k, vs in results.items()}
+    med = median_per_metric(results)
     print(f"\nmodel {'-'.join(map(str, sizes))}; medians of {args.repeats} rounds, "
           f"{args.duration_s} s per cell; server on CPU 0, client on CPU 1\n")
     print("| server | images/req | concurrency | req/s | images/s | p50 ms | p99 ms | errors "

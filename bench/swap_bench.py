@@ -17,125 +17,56 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import grpc
+from common import (
+    CLASSIFY,
+    classify_probe,
+    classify_request,
+    closed_loop,
+    env_without,
+    free_port,
+    percentile_ms,
+    pin_self,
+    service_command,
+    start_server,
+    stop,
+    write_random_model,
+)
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-
-from service.model import build_model, save_model  # noqa: E402
-from service.pb.mnist.v1 import classifier_pb2 as pb  # noqa: E402
-
-METHOD = "/mnist.v1.Classifier/Classify"
-META = {
-    "cost": "cross_entropy", "input": {"shape": [28, 28], "scale": "0..1"},
-    "labels": [str(i) for i in range(10)], "training": {}, "data": {}, "metrics": {},
-    "created_at": "2026-01-01T00:00:00Z", "trainer_version": "bench",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pin(cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if (os.cpu_count() or 1) > 1 and shutil.which(
-        "taskset") else []
+from service.pb.mnist.v1 import classifier_pb2 as pb
 
 
 def stage(directory: Path, seed: int) -> None:
     """A complete version directory (written like trainer.publish, before its rename)."""
-    rng = np.random.default_rng(seed)
-    sizes = (784, 256, 128, 10)
-    ws = [rng.normal(0, 0.05, (a, b)).astype(np.float32) for a, b in itertools.pairwise(sizes)]
-    bs = [np.zeros(b, np.float32) for b in sizes[1:]]
-    directory.mkdir(parents=True)
-    save_model(build_model(ws, bs, ["relu", "relu"], "softmax", META, rng.random((8, 784))),
-               directory)
+    write_random_model(directory, (784, 256, 128, 10), seed, probe_rows=8)
 
 
-def start_server(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m service` pinned to CPU 0, rescanning every 0.1 s, metrics off."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-    proc = subprocess.Popen(
-        [*pin(0), sys.executable, "-m", "service", "--model-dir", str(repo), "--host",
-         "127.0.0.1", "--port", str(port), "--rescan-interval-s", "0.1",
-         "--no-metrics-enabled", "--log-level", "WARNING"],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(target) as ch:
-                ch.unary_unary(METHOD)(payload(), timeout=5)
-            return proc, target
-        except grpc.RpcError:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited: {log.read_text()}") from None
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not start: {log.read_text()}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def payload() -> bytes:
-    rng = np.random.default_rng(1)
-    return pb.ClassifyRequest(
-        pixels=rng.integers(0, 256, 784, dtype=np.uint8).tobytes(), encoding=pb.ENCODING_UINT8
-    ).SerializeToString()
+    return start_server(service_command(repo, port, metrics_port=None, rescan_interval_s=0.1),
+                        port, log, classify_probe(classify_request(1)), env=env_without("MNIST_"))
 
 
 async def load(target: str, concurrency: int, duration_s: float) -> tuple[list[float], set[int]]:
     """Every request latency (s) over `duration_s`, and the versions that answered."""
-    body = payload()
-    latencies: list[float] = []
     versions: set[int] = set()
-    failures = 0
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD, response_deserializer=pb.ClassifyResponse.FromString)
-        end = time.perf_counter() + duration_s
-
-        async def caller() -> None:
-            nonlocal failures
-            while time.perf_counter() < end:
-                t0 = time.perf_counter()
-                try:
-                    reply = await call(body, timeout=30)
-                except grpc.RpcError:
-                    failures += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-                versions.add(int(reply.version))
-
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-    if failures:
-        raise SystemExit(f"{failures} requests failed during the benchmark")
-    return latencies, versions
+        call = channel.unary_unary(CLASSIFY, response_deserializer=pb.ClassifyResponse.FromString)
+        result = await closed_loop(call, classify_request(1), concurrency, duration_s,
+                                   on_reply=lambda reply: versions.add(int(reply.version)))
+    if result.errors:
+        raise SystemExit(f"{result.errors} requests failed during the benchmark")
+    return result.latencies_s, versions
 
 
 class Publisher(threading.Thread):
@@ -159,10 +90,6 @@ class Publisher(threading.Thread):
             self.published += 1
 
 
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.array(xs), q)) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -170,7 +97,7 @@ def main() -> None:
     parser.add_argument("--swap-every-s", type=float, default=0.25)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    os.sched_setaffinity(0, {1}) if (os.cpu_count() or 1) > 1 else None
+    pin_self(1)
     per_phase = int(args.phase_s / args.swap_every_s) + 2
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +107,7 @@ def main() -> None:
         staged = [repo / f".tmp-{i}" for i in range(per_phase * args.rounds)]
         for i, d in enumerate(staged):
             stage(d, i + 1)
-        proc, target = start_server(repo.parent, Path(tmp) / "server.log")
+        proc, target = start(repo.parent, Path(tmp) / "server.log")
         try:
             asyncio.run(load(target, args.concurrency, 1.0))  # warm up
             rows: list[tuple[int, str, int, float, float, int, int]] = []
@@ -201,10 +128,9 @@ def main() -> None:
                         pub.join()
                         next_version, swaps = pub.next, pub.published
                         time.sleep(0.5)  # let the last swap settle before the next phase
-                    p99[phase] = pct(lat, 99)
-                    rows.append((r, phase, len(lat), pct(lat, 50), p99[phase], swaps,
-                                 len(versions)))
-                    print(f"  round {r} {phase:<6} {len(lat):7d} req  p50 {pct(lat, 50):6.2f} ms"
+                    p50, p99[phase] = percentile_ms(lat, 50), percentile_ms(lat, 99)
+                    rows.append((r, phase, len(lat), p50, p99[phase], swaps, len(versions)))
+                    print(f"  round {r} {phase:<6} {len(lat):7d} req  p50 {p50:6.2f} ms"
                           f"  p99 {p99[phase]:6.2f} ms  swaps {swaps:3d}  versions answering "
                           f"{len(versions)}", flush=True)
                 ratios.append(p99["swap"] / p99["steady"])
