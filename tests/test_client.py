@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ServerThread, make_model
+from procs import free_port
 
 from service.client import ClassifierClient, ClientError
 from service.client_cli import main
@@ -31,12 +31,6 @@ def write_idx_images(path: Path, images: np.ndarray) -> None:
 def write_idx_labels(path: Path, labels: np.ndarray) -> None:
     data = struct.pack(">BBBBI", 0, 0, 8, 1, len(labels)) + labels.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_client_classify_uint8_and_float(server: ServerThread) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 from conftest import make_model, uint8_request, write_version
 from deploy_support import ROOT, docker_compose
+from procs import free_port
 
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -34,12 +34,6 @@ from trainer.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, w
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the image puts its venv's bin first on PATH the same way
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def synthetic_mnist(directory: Path, seed: int = 0) -> None:

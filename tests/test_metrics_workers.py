@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import uint8_request
 from metrics_util import ROOT, free_port, poll, samples, scrape
+from procs import stop_process
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -94,11 +95,5 @@ def test_two_workers_add_up_and_a_killed_worker_leaves_no_stale_gauges(
         assert after[("mnist_inflight_requests", ())] == 0
         assert after[("mnist_model_current_version", (("model", "mnist"),))] == 1
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, grace_s=30)
     assert proc.returncode == 0, log.read_text()[-3000:]

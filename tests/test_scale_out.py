@@ -28,6 +28,7 @@ import pytest
 from conftest import make_model, uint8_request, write_version
 from deploy_support import nginx_command, nginx_version, render_nginx, tool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from procs import free_port, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -35,12 +36,6 @@ from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 REPLICAS = 3
 START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -61,18 +56,6 @@ class Replica:
             for sample in family.samples
             if sample.name == "mnist_requests_total" and sample.labels.get("method") == "Classify"
         )
-
-
-def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-    """Stop one process we started, by its PID: signal, wait, then kill if it hangs."""
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    return int(process.returncode)
 
 
 def wait_serving(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
