@@ -30,6 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from metrics_util import samples, scrape
+from procs import free_port
 
 from service.model import pixels_to_input
 from service.pb.mnist.v1 import classifier_pb2 as pb
@@ -255,7 +257,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
     repo = tmp_path / "models"
     # A wide model makes each 256-image forward take a noticeable time, so requests queue.
     write_version(repo, "mnist", 1, make_model(seed=1, hidden=4096))
-    proc, port = start_subprocess(repo, tmp_path / "server.log")
+    metrics_port = free_port()
+    proc, port = start_subprocess(
+        repo, tmp_path / "server.log", "--metrics-enabled", "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(metrics_port),
+    )
+
+    def received() -> float:
+        """Requests the server holds or has answered: all 12 must be in before SIGTERM."""
+        inflight = samples(scrape(metrics_port))[("mnist_inflight_requests", ())]
+        return inflight + len(finished)
+
     try:
         request = uint8_request(np.random.default_rng(0).integers(0, 256, (256, 784), np.uint8))
         target = f"127.0.0.1:{port}"
@@ -271,8 +283,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
             stub.Classify(request, timeout=30)  # warm up, and the channel is connected
             with ThreadPoolExecutor(12) as pool:
                 futures = [pool.submit(call, stub) for _ in range(12)]
-                # Once the first answer is back every request has arrived; most still queue.
-                wait_for(lambda: len(finished) > 0, 30)
+                # Every request must be inside the server (not merely sent: a request that
+                # reaches a server already shutting down is refused, which is not a drain
+                # failure), and most must still be queued behind the slow forwards.
+                wait_for(lambda: len(finished) > 0 and received() >= 12, 30)
                 signalled = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
                 results = [f.result() for f in futures]
