@@ -220,13 +220,16 @@ def _tune_gc() -> None:
 
 
 async def _serve_async(settings: Settings) -> None:
-    running = await start_server(settings)
-    _tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
+    # Catch SIGTERM before starting: one that arrives while the server starts (a supervisor
+    # stopping a worker it has just restarted, an orchestrator scaling down) still means
+    # "drain and exit 0", not death by the default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await start_server(settings)
+    _tune_gc()
+    running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
     await stop.wait()
     log.info("event=signal action=drain grace_s=%s", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
@@ -308,4 +311,6 @@ def _supervise(settings: Settings) -> int:
     if own_dir is not None:
         shutil.rmtree(own_dir, ignore_errors=True)
     log.info("event=workers_stopped exitcodes=%s", codes)
-    return 0 if all(c == 0 for c in codes) else 1
+    # -SIGTERM: a worker stopped by our SIGTERM before its interpreter had installed the drain
+    # handler (still importing); it was not serving yet, so that is a clean stop too.
+    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
