@@ -111,6 +111,22 @@ def start(kind: str, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen[b
                         classify_probe(classify_request(1, packed_output=True)), name=kind)
 
 
+
+def measure_with_cpu(
+    proc: subprocess.Popen[bytes], target: str, images: int, conc: int, duration_s: float,
+    max_requests: int,
+) -> dict[str, float]:
+    """One Classify cell, plus the server's CPU per answered request: steadier than req/s on
+    a busy machine (it does not count time the server's core was taken away)."""
+    before = cpu_s(proc.pid)
+    out = asyncio.run(measure_cell(
+        target, CLASSIFY, classify_request(images, packed_output=True),
+        images, conc, duration_s, max_requests))
+    answered = max(1.0, out["rps"] * out["elapsed_s"])
+    out["cpu_us"] = (cpu_s(proc.pid) - before) / answered * 1e6
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bare", choices=("aio", "threaded"), help=argparse.SUPPRESS)
@@ -145,14 +161,9 @@ def main() -> int:
                 proc, target = start(kind, repo, Path(tmp))
                 try:
                     for images, conc in SHAPES:
-                        before = cpu_s(proc.pid)
-                        out = asyncio.run(measure_cell(
-                            target, CLASSIFY, classify_request(images, packed_output=True),
-                            images, conc, args.duration_s, args.max_requests))
-                        # Server CPU per answered request: steadier than req/s on a busy
-                        # machine (it does not count time the server's core was taken away).
-                        answered = max(1.0, out["rps"] * out["elapsed_s"])
-                        out["cpu_us"] = (cpu_s(proc.pid) - before) / answered * 1e6
+                        out = measure_with_cpu(
+                            proc, target, images, conc, args.duration_s, args.max_requests
+                        )
                         results.setdefault((kind, images, conc), []).append(out)
                         print(f"round {r + 1} {kind:13} {images:3} img c{conc:<3} "
                               f"{out['rps']:8.0f} req/s {out['p50_ms']:7.3f} ms p50",

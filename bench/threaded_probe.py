@@ -22,7 +22,6 @@ concurrency 1, 8 and 64; ratios against bare-threaded.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,9 @@ import numpy as np
 import serve_bench
 from common import (
     BIG_MESSAGES,
-    CLASSIFY,
     classify_probe,
     classify_request,
-    cpu_s,
     free_port,
-    measure_cell,
     median_per_metric,
     model_repo,
     pin_self,
@@ -206,12 +202,9 @@ def main() -> int:
                     proc, target = serve_bench.start(kind, repo, Path(tmp))
                 try:
                     for images, conc in SHAPES:
-                        before = cpu_s(proc.pid)
-                        out = asyncio.run(measure_cell(
-                            target, CLASSIFY, classify_request(images, packed_output=True),
-                            images, conc, args.duration_s, args.max_requests))
-                        answered = max(1.0, out["rps"] * out["elapsed_s"])
-                        out["cpu_us"] = (cpu_s(proc.pid) - before) / answered * 1e6
+                        out = serve_bench.measure_with_cpu(
+                            proc, target, images, conc, args.duration_s, args.max_requests
+                        )
                         results.setdefault((kind, images, conc), []).append(out)
                         print(f"round {r + 1} {kind:13} c{conc:<3} {out['rps']:8.0f} req/s "
                               f"{out['p50_ms']:7.3f} ms p50 {out['cpu_us']:5.0f} us/req",
