@@ -23,15 +23,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import metadata as importlib_metadata
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 import grpc
-import numpy as np
-import numpy.typing as npt
 from google.protobuf.message import Message
 
 from service import admin
 from service import oip_codec as tensors
+from service.batcher import Batcher
 from service.config import Settings
 from service.errors import (
     FailedPrecondition,
@@ -43,7 +42,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.pb.inference import grpc_service_pb2 as pb
-from service.registry import ModelRegistry, ServableVersion, VersionState
+from service.registry import ModelRegistry, VersionState
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +56,6 @@ _STATE = {
     VersionState.FAILED: "UNAVAILABLE",
     VersionState.UNLOADED: "UNAVAILABLE",
 }
-
-Array = npt.NDArray[np.float32]
-
-
-class Prediction(Protocol):
-    @property
-    def probabilities(self) -> Array: ...
-    @property
-    def version(self) -> ServableVersion: ...
-
-
-class Batcher(Protocol):
-    """What this servicer needs of service.batcher.Batcher (a fake in tests is fine)."""
-
-    async def submit(
-        self,
-        x: Array,
-        *,
-        model: str = "",
-        version: int = 0,
-        label: str = "",
-        deadline_s: float | None = None,
-    ) -> Prediction: ...
-
 
 # --- admin rules ----------------------------------------------------------------------------
 
