@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServerThread, float_request, probabilities
+from procs import stop_process
 from versions_util import publish_tiny, rss_bytes, tiny_model
 
 from service.metrics import Metrics
@@ -284,6 +285,4 @@ def test_sighup_and_admin_port_in_the_real_process(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, signal.SIGKILL)

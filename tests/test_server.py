@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from metrics_util import samples, scrape
-from procs import free_port
+from procs import free_port, stop_process
 
 from service.model import pixels_to_input
 from service.pb.mnist.v1 import classifier_pb2 as pb
@@ -301,9 +301,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
                                      grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, signal.SIGKILL)
 
 
 def test_empty_model_dir_starts_not_serving_then_serves(tmp_path: Path) -> None:
@@ -321,9 +319,7 @@ def test_empty_model_dir_starts_not_serving_then_serves(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -353,6 +349,4 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
         assert proc.wait(30) == 0
         assert log.read_text().count("event=stopped") == 2
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, signal.SIGKILL)
