@@ -17,6 +17,18 @@ Requests arriving while a forward runs queue up and form the next batch. The wor
 a plain future resolved by `submit` (only when the batch is full enough) or by a timer, so an
 arrival costs no extra task or event-loop wakeup.
 
+Two ways in, one queue (guarded by a lock, so either thread may take from it):
+  * `submit` (async, on the event loop): the streaming and v2 paths; the worker task above
+    forms their batches.
+  * `submit_nowait` + `run_queued` (any thread, no asyncio): the fast path of gRPC core's
+    polling thread (service/transport.py). Its handlers queue requests as their messages
+    arrive; once no completion is waiting, the polling thread calls `run_queued`, which
+    computes everything queued, inline, in batches of up to `max_batch_rows`. The flush point
+    is "nothing more has arrived": requests that come together are computed together, and a
+    lone request at once, without a timer.
+A waiter is told its result from whichever thread computed it: asyncio futures through
+`call_soon_threadsafe` when that is not the loop's thread.
+
 Each batch resolves versions once at batch time, groups requests by the version they get (so a
 batch never mixes versions) and runs one `Model.predict` per group on a small dedicated thread
 pool (NumPy releases the GIL, the event loop keeps serving) -- except forwards of at most
@@ -30,9 +42,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -54,15 +68,57 @@ class Prediction:
     version: ServableVersion
 
 
+class Waiter(Protocol):
+    """Who hears a request's result: `done()` once it no longer wants one (cancelled)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Prediction) -> None: ...
+
+    def set_exception(self, exception: BaseException) -> None: ...
+
+
+class _LoopWaiter:
+    """An asyncio future as a Waiter that may be completed from another thread."""
+
+    __slots__ = ("future", "loop", "thread")
+
+    def __init__(self, future: asyncio.Future[Prediction], loop: asyncio.AbstractEventLoop):
+        self.future = future
+        self.loop = loop
+        self.thread = threading.get_ident()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, result: Prediction) -> None:
+        self._call(self.future.set_result, result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._call(self.future.set_exception, exception)
+
+    def _call(self, setter: Any, value: Any) -> None:
+        if threading.get_ident() == self.thread:
+            if not self.future.done():
+                setter(value)
+        else:
+            self.loop.call_soon_threadsafe(_set_if_pending, self.future, setter, value)
+
+
+def _set_if_pending(future: asyncio.Future[Prediction], setter: Any, value: Any) -> None:
+    if not future.done():
+        setter(value)
+
+
 @dataclass(slots=True, eq=False)
 class _Pending:
     x: Array
     model: str
     version: int
     label: str
-    deadline: float | None  # loop.time() by which the caller stops waiting
-    future: asyncio.Future[Prediction]
-    enqueued: float  # loop.time() at submit
+    deadline: float | None  # time.monotonic() by which the caller stops waiting
+    future: Waiter
+    enqueued: float  # time.monotonic() at submit
     rows: int
 
 
@@ -101,6 +157,9 @@ class Batcher:
         self._peak = 0  # most outstanding since the previous flush
         self._target = 1  # how many requests a batch waits for (the previous peak)
         self._unbatched_rows = 0  # rows being computed with batching off (same queue bound)
+        # Guards the queue and its counts: submit_nowait/run_queued run on gRPC core's polling
+        # thread, submit and the worker on the event loop.
+        self._lock = threading.Lock()
 
     # --- lifecycle
 
@@ -134,34 +193,68 @@ class Batcher:
         Raises Overloaded when the queue is full, NotFound/Unavailable when the model or
         version cannot be resolved, DeadlineExceeded when the deadline passed before compute.
         """
+        if not self.enabled:
+            self._admit(int(x.shape[0]))
+            loop = asyncio.get_running_loop()
+            deadline = None if deadline_s is None else loop.time() + deadline_s
+            return await self._unbatched(x, model, version, label, deadline)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Prediction] = loop.create_future()
+        self._enqueue(x, model, version, label, deadline_s, _LoopWaiter(future, loop))
+        if self._signal is not None and (self._signal_any or self._full_enough()):
+            self._wake()
+        return await future
+
+    def submit_nowait(
+        self,
+        x: Array,
+        waiter: Waiter,
+        *,
+        model: str = "",
+        version: int = 0,
+        label: str = "",
+        deadline_s: float | None = None,
+    ) -> None:
+        """Queue `x` for the next `run_queued` (any thread); `waiter` hears the result.
+
+        Raises what `submit` raises for a full queue or a closing batcher, at once.
+        """
+        self._enqueue(x, model, version, label, deadline_s, waiter)
+
+    def run_queued(self) -> None:
+        """Compute everything queued now, inline on this thread (never raises). With batching
+        off, each request is its own forward (the benchmark's baseline)."""
+        while self._queue:
+            batch = self._take(self._max_rows if self.enabled else 1)
+            if batch:
+                self._compute_now(batch)
+
+    def _admit(self, rows: int) -> None:
         if self._closing:
             raise Unavailable("server is shutting down")
-        rows = int(x.shape[0])
         queued = self._queued_rows + self._unbatched_rows
         if queued + rows > self._max_queue_rows and queued > 0:
             raise Overloaded(
                 f"queue full: {queued} images waiting, {rows} more would pass the limit of "
                 f"{self._max_queue_rows}; retry later"
             )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+
+    def _enqueue(self, x: Array, model: str, version: int, label: str,
+                 deadline_s: float | None, waiter: Waiter) -> None:
+        rows = int(x.shape[0])
+        now = time.monotonic()
         deadline = None if deadline_s is None else now + deadline_s
-        if not self.enabled:
-            return await self._unbatched(x, model, version, label, deadline)
         name = model or self._registry.default_model()
-        pending = _Pending(x, name, version, label, deadline, loop.create_future(), now, rows)
-        self._queue.append(pending)
-        self._queued_rows += rows
-        self._queued_by_model[name] += rows
-        self._metrics.set_queue_rows(name, self._queued_by_model[name])
-        self._outstanding += 1
-        self._peak = max(self._peak, self._outstanding)
-        if self._signal is not None and (self._signal_any or self._full_enough()):
-            self._wake()
-        try:
-            return await pending.future
-        finally:
-            self._outstanding -= 1
+        with self._lock:
+            self._admit(rows)
+            self._queue.append(_Pending(x, name, version, label, deadline, waiter, now, rows))
+            self._queued_rows += rows
+            self._queued_by_model[name] += rows
+            self._outstanding += 1
+            if self._outstanding > self._peak:
+                self._peak = self._outstanding
+            queued = self._queued_by_model[name]
+        self._metrics.set_queue_rows(name, queued)
 
     def _full_enough(self) -> bool:
         return (
@@ -228,50 +321,86 @@ class Batcher:
                     await self._compute(batch, loop)
                 except Exception:  # never let the worker die: waiters would hang forever
                     log.exception("batch failed unexpectedly")
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(ServiceError("batch failed unexpectedly"))
+                    self._fail_all(batch)
 
-    def _take(self) -> list[_Pending]:
-        """Pop up to max_batch_rows of live requests (always at least one request)."""
+    def _take(self, max_rows: int = 0) -> list[_Pending]:
+        """Pop up to max_rows (default max_batch_rows) of live requests (at least one)."""
+        max_rows = max_rows or self._max_rows
         batch: list[_Pending] = []
         rows = 0
-        while self._queue:
-            p = self._queue[0]
-            if batch and rows + p.rows > self._max_rows:
-                break
-            self._queue.popleft()
-            self._queued_rows -= p.rows
-            self._queued_by_model[p.model] -= p.rows
-            if p.future.done():  # cancelled: the client went away
-                continue
-            batch.append(p)
-            rows += p.rows
-        self._target = max(1, self._peak)
-        self._peak = self._outstanding
-        for name, n in self._queued_by_model.items():
+        with self._lock:
+            while self._queue:
+                p = self._queue[0]
+                if batch and rows + p.rows > max_rows:
+                    break
+                self._queue.popleft()
+                self._queued_rows -= p.rows
+                self._queued_by_model[p.model] -= p.rows
+                if p.future.done():  # cancelled: the client went away
+                    self._outstanding -= 1
+                    continue
+                batch.append(p)
+                rows += p.rows
+            self._target = max(1, self._peak)
+            self._peak = self._outstanding
+            queued = list(self._queued_by_model.items())
+        for name, n in queued:
             self._metrics.set_queue_rows(name, n)
         return batch
 
-    async def _compute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
+    def _answered(self, n: int) -> None:
+        with self._lock:
+            self._outstanding -= n
+
+    def _groups(self, batch: list[_Pending]) -> list[tuple[ServableVersion, list[_Pending]]]:
+        """Drop expired requests, resolve versions once, group by the version each gets."""
+        now = time.monotonic()
         groups: dict[int, tuple[ServableVersion, list[_Pending]]] = {}
         resolved: dict[tuple[str, int, str], ServableVersion] = {}
+        failed = 0
         for p in batch:
             if p.deadline is not None and now > p.deadline:
                 p.future.set_exception(
                     DeadlineExceeded("deadline passed while queued; the request was dropped")
                 )
+                failed += 1
                 continue
             key = (p.model, p.version, p.label)
             try:
                 sv = resolved.get(key) or self._resolve(*key)
             except ServiceError as e:
                 p.future.set_exception(e)
+                failed += 1
                 continue
             resolved[key] = sv
             groups.setdefault(id(sv), (sv, []))[1].append(p)
-        for sv, members in groups.values():
+        if failed:
+            self._answered(failed)
+        return list(groups.values())
+
+    def _compute_now(self, batch: list[_Pending]) -> None:
+        try:
+            for sv, members in self._groups(batch):
+                x = _stack(members)
+                started = time.perf_counter()
+                try:
+                    probs = sv.model.predict(x)
+                except Exception as e:
+                    self._failed(sv, members, x, e)
+                    continue
+                self._deliver(sv, members, probs, time.perf_counter() - started)
+        except Exception:  # never leave a waiter hanging
+            log.exception("batch failed unexpectedly")
+            self._fail_all(batch)
+
+    def _fail_all(self, batch: list[_Pending]) -> None:
+        left = [p for p in batch if not p.future.done()]
+        for p in left:
+            p.future.set_exception(ServiceError("batch failed unexpectedly"))
+        self._answered(len(left))
+
+    async def _compute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        for sv, members in self._groups(batch):
             await self._forward(sv, members, loop)
 
     async def _predict(
@@ -286,27 +415,41 @@ class Batcher:
     async def _forward(
         self, sv: ServableVersion, members: list[_Pending], loop: asyncio.AbstractEventLoop
     ) -> None:
-        x = members[0].x if len(members) == 1 else np.concatenate([p.x for p in members])
-        waits = [loop.time() - p.enqueued for p in members]
+        x = _stack(members)
         started = time.perf_counter()
         try:
             probs = await self._predict(sv, x, loop)
         except Exception as e:
-            log.exception("forward failed: model %s version %d, %d rows", sv.name, sv.version,
-                          x.shape[0])
-            # A server fault, not the caller's: INTERNAL, and every waiter hears of it.
-            err = ServiceError(
-                f"forward pass of {sv.name} version {sv.version} failed: {type(e).__name__}"
-            )
-            for p in members:
-                if not p.future.done():
-                    p.future.set_exception(err)
+            self._failed(sv, members, x, e)
             return
-        forward_s = time.perf_counter() - started
+        self._deliver(sv, members, probs, time.perf_counter() - started)
+
+    def _failed(self, sv: ServableVersion, members: list[_Pending], x: Array,
+                e: Exception) -> None:
+        log.exception("forward failed: model %s version %d, %d rows", sv.name, sv.version,
+                      x.shape[0], exc_info=e)
+        # A server fault, not the caller's: INTERNAL, and every waiter hears of it.
+        err = ServiceError(
+            f"forward pass of {sv.name} version {sv.version} failed: {type(e).__name__}"
+        )
+        for p in members:
+            if not p.future.done():
+                p.future.set_exception(err)
+        self._answered(len(members))
+
+    def _deliver(self, sv: ServableVersion, members: list[_Pending], probs: Array,
+                 forward_s: float) -> None:
+        now = time.monotonic()
+        waits = [now - p.enqueued for p in members]
         start = 0
         for p in members:
             end = start + p.rows
             if not p.future.done():
                 p.future.set_result(Prediction(probs[start:end], sv))
             start = end
+        self._answered(len(members))
         self._metrics.batch_done(sv.name, sv.version, waits, forward_s, probs)
+
+
+def _stack(members: list[_Pending]) -> Array:
+    return members[0].x if len(members) == 1 else np.concatenate([p.x for p in members])

@@ -32,6 +32,10 @@ class Settings:
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     workers: int = _opt(1, "server processes sharing the port with SO_REUSEPORT")
     grace_period_s: float = _opt(10.0, "on SIGTERM, how long in-flight requests may finish")
+    frontend: str = _opt(
+        "core", "'core': Classify answered on gRPC core's completion queue by one thread, "
+        "the rest on asyncio (fastest); 'aio': everything through grpc.aio"
+    )
     tls_cert: Path | None = _opt(None, "PEM server certificate; enables TLS with --tls-key")
     tls_key: Path | None = _opt(None, "PEM private key of --tls-cert")
     tls_client_ca: Path | None = _opt(
@@ -164,6 +168,8 @@ def validate(s: Settings) -> None:
                  "inline_forward_max_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if s.frontend not in ("core", "aio"):
+        problems.append(f"--frontend must be 'core' or 'aio', got {s.frontend!r}")
     if (s.tls_cert is None) != (s.tls_key is None):
         problems.append("--tls-cert and --tls-key go together")
     if s.tls_client_ca is not None and s.tls_cert is None:

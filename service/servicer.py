@@ -19,11 +19,12 @@ from typing import Any
 import grpc
 
 from service import codec
-from service.batcher import Batcher
+from service.batcher import Batcher, Prediction
 from service.errors import NotFound, ServiceError, status_of
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.registry import ModelRegistry, ServableVersion
+from service.transport import CoreServer, FastCall
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,8 @@ class ClassifierServicer:
         images = 0
         code = grpc.StatusCode.OK
         try:
-            request = codec.parse_request(raw)
-            x = codec.decode_pixels(request, self._max_images)
+            request, x = self._prepare(raw)
             images = int(x.shape[0])
-            # Fail fast on an unknown model/version/label; the batch re-resolves at its time.
-            self._check_exists(request)
             prediction = await self._batcher.submit(
                 x,
                 model=request.model,
@@ -64,9 +62,7 @@ class ClassifierServicer:
             )
             sv = prediction.version
             model, version = sv.name, str(sv.version)
-            return codec.encode_response(
-                prediction.probabilities, sv, request.request_id, request.packed_output
-            )
+            return _response(prediction, request)
         except BaseException as e:
             code = status_of(e)[0] if not isinstance(e, asyncio.CancelledError) else (
                 grpc.StatusCode.CANCELLED
@@ -76,6 +72,29 @@ class ClassifierServicer:
             self._metrics.request_done(
                 method, model, version, code.name, images, time.perf_counter() - started
             )
+
+    def _prepare(self, raw: bytes) -> tuple[pb.ClassifyRequest, codec.Array]:
+        """Parse and validate completely; fail fast on an unknown model/version/label (the
+        batch re-resolves at its time)."""
+        request = codec.parse_request(raw)
+        x = codec.decode_pixels(request, self._max_images)
+        self._check_exists(request)
+        return request, x
+
+    def classify_now(self, call: FastCall, raw: bytes) -> None:
+        """Classify on gRPC core's polling thread (service/transport.py): validate now and
+        queue the images for the batch the polling thread computes once nothing more is
+        arriving; `_Answer` replies. Must not block or raise."""
+        answer = _Answer(self, call)
+        try:
+            request, x = self._prepare(raw)
+            answer.request, answer.images = request, int(x.shape[0])
+            self._batcher.submit_nowait(
+                x, answer, model=request.model, version=request.version,
+                label=request.version_label, deadline_s=call.time_remaining(),
+            )
+        except Exception as e:
+            answer.set_exception(e)
 
     def _check_exists(self, request: pb.ClassifyRequest) -> ServableVersion:
         return self._registry.resolve(request.model, request.version, request.version_label)
@@ -195,6 +214,57 @@ class ClassifierServicer:
         return codec.model_info(status, current, self._max_images)
 
 
+def _response(prediction: Prediction, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
+    return codec.encode_response(prediction.probabilities, prediction.version,
+                                 request.request_id, request.packed_output)
+
+
+class _Answer:
+    """A fast Classify call waiting for its batch (a batcher Waiter): replies and counts."""
+
+    __slots__ = ("_inflight", "_servicer", "call", "images", "request", "started")
+
+    def __init__(self, servicer: ClassifierServicer, call: FastCall) -> None:
+        self._servicer = servicer
+        self.call = call
+        self.request: pb.ClassifyRequest | None = None
+        self.images = 0
+        self.started = time.perf_counter()
+        metrics = servicer._metrics
+        self._inflight = metrics.inflight if metrics.enabled else None
+        if self._inflight is not None:
+            self._inflight.inc()
+
+    def done(self) -> bool:
+        return False  # the client's going away is noticed by gRPC core, not here
+
+    def set_result(self, prediction: Prediction) -> None:
+        assert self.request is not None
+        try:
+            message = _response(prediction, self.request).SerializeToString()
+        except Exception as e:
+            self.set_exception(e)
+            return
+        sv = prediction.version
+        self._count(sv.name, str(sv.version), grpc.StatusCode.OK)  # counted before it is seen
+        self.call.reply(message)
+
+    def set_exception(self, exception: BaseException) -> None:
+        if not isinstance(exception, ServiceError):
+            log.error("Classify failed", exc_info=exception)
+        code, details = status_of(exception)
+        self._count("", "", code)
+        self.call.fail(code, details)
+
+    def _count(self, model: str, version: str, code: grpc.StatusCode) -> None:
+        if self._inflight is not None:
+            self._inflight.dec()
+        self._servicer._metrics.request_done(
+            "Classify", model, version, code.name, self.images,
+            time.perf_counter() - self.started,
+        )
+
+
 def _as_service_error(e: Exception) -> Exception:
     """A protobuf parse failure is the caller's fault, not ours."""
     from google.protobuf.message import DecodeError
@@ -209,7 +279,8 @@ def _as_service_error(e: Exception) -> Exception:
 
 
 def add_to_server(servicer: ClassifierServicer, server: grpc.aio.Server) -> None:
-    """Register with identity request deserializers (see the module docstring)."""
+    """Register with identity request deserializers (see the module docstring); on a
+    CoreServer, Classify is a fast method answered on gRPC core's polling thread."""
     handlers = {
         "Classify": grpc.unary_unary_rpc_method_handler(
             servicer.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
@@ -225,6 +296,8 @@ def add_to_server(servicer: ClassifierServicer, server: grpc.aio.Server) -> None
             servicer.ListModels, response_serializer=pb.ListModelsResponse.SerializeToString
         ),
     }
+    if isinstance(server, CoreServer):
+        server.add_fast_method(f"/{SERVICE_NAME}/Classify", servicer.classify_now)
     # Registered methods are matched by gRPC core when the call arrives, so a call skips the
     # Python walk over generic handlers; the generic one stays for servers without them.
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -1,0 +1,655 @@
+"""gRPC on gRPC core's completion queue: one thread answers the hot RPCs, asyncio the rest.
+
+Why this exists (docs/serving.md, "The core front end"): on this class of machine the Python
+gRPC layer, not the model, bounds throughput. Per call, grpc.aio spends ~180 us of server CPU
+(two tasks, four completions handed from its poller thread to the event loop through a
+socket), the threaded `grpc.server` ~110 us (a thread hand-off or two per call). A loop that
+polls gRPC core's completion queue itself and answers in the same thread costs ~40 us a call,
+measured with the same load generator. So:
+
+* **Fast methods** (`add_fast_method`: Classify) are handled entirely on the polling thread:
+  the request bytes go to a handler that either answers at once (a bad request) or queues the
+  work; once the queue of ready completions is empty, the idle hooks run (the batcher computes
+  everything queued in one forward pass per version) and the replies go out. Requests that
+  arrive together are answered together, and a lone request is computed at once.
+* **Everything else** (health, reflection, streaming, admin, the v2 API) runs unchanged as
+  grpc.aio-style handlers on the asyncio loop: the polling thread hands each new call to the
+  loop, and each completion back, with `call_soon_threadsafe`. `Context` implements the part of
+  `grpc.aio.ServicerContext` those handlers use.
+
+`CoreServer` is a `grpc.aio.Server`, so `add_*_to_server`, health and reflection register on it
+as on any server. It uses `grpc._cython.cygrpc`, the layer grpcio's own two servers are built
+on; it is private API, so pyproject pins grpcio's range and tests/test_transport.py exercises
+every path. `--frontend aio` serves through plain grpc.aio instead (service/server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import grpc
+from grpc._cython import cygrpc
+
+log = logging.getLogger(__name__)
+
+_NO_FLAGS = 0
+# Completions requested ahead for each fast method: calls that arrive in one burst are
+# matched without a round trip through the polling loop each.
+_FAST_REQUESTS_AHEAD = 8
+# call_details.deadline for a call without a deadline is gpr's "infinite future".
+_NO_DEADLINE_AFTER_S = 10 * 365 * 24 * 3600.0
+# A deadline passed to CompletionQueue.poll: block, waking now and then for the stop check.
+_POLL_PERIOD_S = 1.0
+
+FastHandler = Callable[["FastCall", bytes], None]
+
+
+class _Stage(enum.Enum):
+    NEW = 0
+    SERVING = 1
+    STOPPING = 2
+    STOPPED = 3
+
+
+class _HandlerCallDetails(NamedTuple):
+    method: str
+    invocation_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _status_int(code: grpc.StatusCode) -> int:
+    return int(code.value[0])
+
+
+def _deadline(details: Any) -> float | None:
+    """The call's deadline as time.time(), or None when the client set none."""
+    deadline = float(details.deadline)
+    return None if deadline - time.time() > _NO_DEADLINE_AFTER_S else deadline
+
+
+class FastCall:
+    """One fast-method call, answered exactly once by `reply` or `fail` from any thread."""
+
+    __slots__ = ("_answered", "_call", "_server", "deadline")
+
+    def __init__(self, server: CoreServer, call: Any, deadline: float | None) -> None:
+        self._server = server
+        self._call = call
+        self.deadline = deadline
+        self._answered = False
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+    def reply(self, message: bytes) -> None:
+        self._finish(_status_int(grpc.StatusCode.OK), b"", message)
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        self._finish(_status_int(code), details.encode("utf-8", "replace"), None)
+
+    def _finish(self, code: int, details: bytes, message: bytes | None) -> None:
+        if self._answered:
+            return
+        self._answered = True
+        ops: list[Any] = [cygrpc.SendInitialMetadataOperation(None, _NO_FLAGS)]
+        if message is not None:
+            ops.append(cygrpc.SendMessageOperation(message, _NO_FLAGS))
+        ops.append(cygrpc.SendStatusFromServerOperation(None, code, details, _NO_FLAGS))
+        # Receiving the close in the same batch frees the call in one completion.
+        ops.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
+        self._server._start_batch(self._call, ops, _FAST_DONE)
+
+
+class _Tag:
+    """What a completion means; `complete` runs on the polling thread."""
+
+    __slots__ = ()
+
+    def complete(self, server: CoreServer, event: Any) -> None:
+        raise NotImplementedError
+
+
+class _FastDone(_Tag):
+    __slots__ = ()
+
+    def complete(self, server: CoreServer, event: Any) -> None:
+        pass  # the reply is out (or the client is gone); nothing holds the call any more
+
+
+_FAST_DONE = _FastDone()
+
+
+class _NewFastCall(_Tag):
+    __slots__ = ("handler", "method")
+
+    def __init__(self, method: str, handler: FastHandler) -> None:
+        self.method = method
+        self.handler = handler
+
+    def complete(self, server: CoreServer, event: Any) -> None:
+        if server._stage is _Stage.SERVING:
+            server._request_registered(self.method, self)
+        if not event.success:
+            return
+        call = FastCall(server, event.call, _deadline(event.call_details))
+        server._start_batch(event.call, (cygrpc.ReceiveMessageOperation(_NO_FLAGS),),
+                            _FastReceived(self.handler, call))
+
+
+class _FastReceived(_Tag):
+    __slots__ = ("call", "handler")
+
+    def __init__(self, handler: FastHandler, call: FastCall) -> None:
+        self.handler = handler
+        self.call = call
+
+    def complete(self, server: CoreServer, event: Any) -> None:
+        message = event.batch_operations[0].message() if event.success else None
+        if message is None:
+            self.call.fail(grpc.StatusCode.UNIMPLEMENTED,
+                           "expected exactly one request message, got none")
+            return
+        try:
+            self.handler(self.call, message)
+        except Exception:  # a handler bug must not stop the polling thread
+            log.exception("fast handler failed")
+            self.call.fail(grpc.StatusCode.INTERNAL, "internal error")
+
+
+class _NewCall(_Tag):
+    """A call for a method served on the asyncio loop (registered name, or '' for generic)."""
+
+    __slots__ = ("method",)
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def complete(self, server: CoreServer, event: Any) -> None:
+        if server._stage is _Stage.SERVING:
+            if self.method:
+                server._request_registered(self.method, self)
+            else:
+                server._request_generic()
+        if not event.success:
+            return
+        server._dispatch(event, self.method)
+
+
+class _LoopTag(_Tag):
+    """Completes an asyncio future on the loop with the event."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.loop = loop
+        self.future = future
+
+    def complete(self, server: CoreServer, event: Any) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.future, event)
+
+
+def _resolve(future: asyncio.Future[Any], event: Any) -> None:
+    if not future.done():
+        future.set_result(event)
+
+
+class _Shutdown(_Tag):
+    __slots__ = ()
+
+    def complete(self, server: CoreServer, event: Any) -> None:
+        server._shutdown_done = True
+
+
+class _Abort(Exception):
+    """Raised by Context.abort; the status it set goes out when the handler unwinds."""
+
+
+class Context:
+    """The part of grpc.aio.ServicerContext our servicers, health and reflection use."""
+
+    def __init__(self, rpc: _Rpc) -> None:
+        self._rpc = rpc
+        self._code: grpc.StatusCode = grpc.StatusCode.OK
+        self._details = ""
+        self._trailing: tuple[tuple[str, str | bytes], ...] | None = None
+        self._callbacks: list[Callable[[Context], None]] = []
+
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: Sequence[tuple[str, str | bytes]] = ()) -> None:
+        if code == grpc.StatusCode.OK:
+            code = grpc.StatusCode.UNKNOWN  # as grpc.aio: abort means failure
+        self._code, self._details = code, details
+        if trailing_metadata:
+            self._trailing = tuple(trailing_metadata)
+        raise _Abort(details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self._trailing = tuple(trailing_metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...] | None:
+        return self._trailing
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._rpc.metadata
+
+    def time_remaining(self) -> float | None:
+        deadline = self._rpc.deadline
+        return None if deadline is None else max(0.0, deadline - time.time())
+
+    def peer(self) -> str:
+        peer = self._rpc.call.peer()
+        return peer.decode() if isinstance(peer, bytes) else str(peer)
+
+    def cancelled(self) -> bool:
+        return self._rpc.client_cancelled
+
+    def done(self) -> bool:
+        return self._rpc.finished
+
+    def add_done_callback(self, callback: Callable[[Context], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def send_initial_metadata(self, initial_metadata: Sequence[tuple[str, Any]]) -> None:
+        await self._rpc.send_initial_metadata(tuple(initial_metadata))
+
+    async def write(self, message: Any) -> None:
+        await self._rpc.send(message)
+
+    async def read(self) -> Any:
+        return await self._rpc.read()
+
+    def _run_callbacks(self) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("done callback failed")
+
+
+class _Rpc:
+    """One call served on the asyncio loop: its batches, its sends and its final status."""
+
+    def __init__(self, server: CoreServer, event: Any, handler: grpc.RpcMethodHandler) -> None:
+        self.server = server
+        self.call = event.call
+        self.metadata = tuple(event.invocation_metadata or ())
+        self.deadline = _deadline(event.call_details)
+        self.handler = handler
+        self.initial_sent = False
+        self.finished = False
+        self.client_cancelled = False
+        self.reads_done = False
+
+    async def batch(self, ops: Sequence[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.server._start_batch(self.call, ops, _LoopTag(loop, future))
+        return await future
+
+    def _initial(self, metadata: tuple[tuple[str, Any], ...] | None = None) -> list[Any]:
+        if self.initial_sent:
+            return []
+        self.initial_sent = True
+        return [cygrpc.SendInitialMetadataOperation(metadata, _NO_FLAGS)]
+
+    async def send_initial_metadata(self, metadata: tuple[tuple[str, Any], ...]) -> None:
+        if self.initial_sent:
+            raise RuntimeError("initial metadata was already sent")
+        await self.batch(self._initial(metadata))
+
+    async def read(self) -> Any:
+        """The next request message (deserialized), or grpc.aio.EOF at the end of the stream."""
+        if self.reads_done:
+            return grpc.aio.EOF
+        event = await self.batch((cygrpc.ReceiveMessageOperation(_NO_FLAGS),))
+        raw = event.batch_operations[0].message() if event.success else None
+        if raw is None:
+            self.reads_done = True
+            return grpc.aio.EOF
+        return _deserialize(self.handler.request_deserializer, raw)
+
+    async def requests(self) -> AsyncIterator[Any]:
+        while (message := await self.read()) is not grpc.aio.EOF:
+            yield message
+
+    async def send(self, message: Any) -> None:
+        if self.finished:
+            raise RuntimeError("the RPC has already finished")
+        raw = _serialize(self.handler.response_serializer, message)
+        event = await self.batch([*self._initial(), cygrpc.SendMessageOperation(raw, _NO_FLAGS)])
+        if not event.success:
+            raise asyncio.CancelledError("the client went away")
+
+    async def finish(self, code: grpc.StatusCode, details: str, message: Any = None,
+                     trailing: tuple[tuple[str, Any], ...] | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        ops = self._initial()
+        if message is not None:
+            raw = _serialize(self.handler.response_serializer, message)
+            ops.append(cygrpc.SendMessageOperation(raw, _NO_FLAGS))
+        ops.append(cygrpc.SendStatusFromServerOperation(
+            trailing, _status_int(code), details.encode("utf-8", "replace"), _NO_FLAGS))
+        await self.batch(ops)
+
+
+def _deserialize(deserializer: Callable[[bytes], Any] | None, raw: bytes) -> Any:
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except Exception as e:
+        raise _BadRequest(f"request could not be parsed: {e}") from None
+
+
+def _serialize(serializer: Callable[[Any], bytes] | None, message: Any) -> bytes:
+    return message if serializer is None else serializer(message)
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
+    """A grpc.aio.Server on gRPC core's completion queue; see the module docstring."""
+
+    def __init__(self, options: Iterable[tuple[str, Any]] = ()) -> None:
+        self._cq = cygrpc.CompletionQueue()
+        self._server = cygrpc.Server(tuple(options), False)
+        self._server.register_completion_queue(self._cq)
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._registered: dict[str, grpc.RpcMethodHandler] = {}
+        self._fast: dict[str, FastHandler] = {}
+        self._idle_hooks: list[Callable[[], None]] = []
+        self._stage = _Stage.NEW
+        self._lock = threading.Lock()
+        self._due = 0  # batches and call requests started and not yet completed
+        self._shutdown_done = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._rpcs: set[asyncio.Task[None]] = set()
+
+    # --- registration (before start)
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]
+    ) -> None:
+        self._generic.extend(generic_rpc_handlers)
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._check_new()
+        for name, handler in method_handlers.items():
+            path = f"/{service_name}/{name}"
+            if path in self._fast or path in self._registered:
+                continue  # a fast method wins; the generic handler stays as fallback
+            self._server.register_method(path)
+            self._registered[path] = handler
+
+    def add_fast_method(self, path: str, handler: FastHandler) -> None:
+        """Serve unary `path` on the polling thread: `handler(call, request_bytes)` must not
+        block; it answers through `call.reply`/`call.fail`, now or from an idle hook."""
+        self._check_new()
+        if path in self._registered:
+            del self._registered[path]
+        else:
+            self._server.register_method(path)
+        self._fast[path] = handler
+
+    def add_idle_hook(self, hook: Callable[[], None]) -> None:
+        """Run `hook()` on the polling thread whenever no completion is waiting (it computes
+        what the fast handlers queued). It must not raise."""
+        self._idle_hooks.append(hook)
+
+    def add_insecure_port(self, address: str) -> int:
+        self._check_new()
+        return int(self._server.add_http2_port(address.encode()))
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        self._check_new()
+        return int(self._server.add_http2_port(address.encode(),
+                                               server_credentials._credentials))
+
+    def _check_new(self) -> None:
+        if self._stage is not _Stage.NEW:
+            raise RuntimeError("register handlers and ports before start()")
+
+    # --- lifecycle
+
+    async def start(self) -> None:
+        self._check_new()
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._server.start()
+        self._stage = _Stage.SERVING
+        for path, handler in self._fast.items():
+            tag = _NewFastCall(path, handler)
+            for _ in range(_FAST_REQUESTS_AHEAD):
+                self._request_registered(path, tag)
+        for path in self._registered:
+            self._request_registered(path, _NewCall(path))
+        self._request_generic()
+        self._thread = threading.Thread(target=self._poll, name="grpc-core", daemon=True)
+        self._thread.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new calls, let calls in flight finish for `grace` seconds, then cancel them."""
+        if self._stage is _Stage.NEW:
+            self._stage = _Stage.STOPPED
+            self._server.destroy()
+            return
+        assert self._stopped is not None
+        if self._stage is _Stage.SERVING:
+            with self._lock:
+                self._stage = _Stage.STOPPING
+                self._due += 1
+                self._server.shutdown(self._cq, _Shutdown())
+        if grace is None or grace <= 0:
+            self._server.cancel_all_calls()
+        else:
+            try:
+                await asyncio.wait_for(self._stopped.wait(), grace)
+            except TimeoutError:
+                self._server.cancel_all_calls()
+        await self._stopped.wait()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    async def wait_for_termination(
+        self, timeout: float | None = None  # noqa: ASYNC109 (grpc.aio.Server's signature)
+    ) -> bool:
+        if self._stopped is None:
+            return True
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- the polling thread
+
+    def _start_batch(self, call: Any, ops: Sequence[Any], tag: _Tag) -> None:
+        with self._lock:
+            self._due += 1
+        error = call.start_server_batch(ops, tag)
+        if error:  # not started (the call is already over): the tag will never come back
+            with self._lock:
+                self._due -= 1
+            if isinstance(tag, _LoopTag):
+                tag.loop.call_soon_threadsafe(_fail_future, tag.future)
+
+    def _request_registered(self, path: str, tag: _Tag) -> None:
+        with self._lock:
+            self._due += 1
+        self._server.request_registered_call(self._cq, self._cq, path, tag)
+
+    def _request_generic(self) -> None:
+        with self._lock:
+            self._due += 1
+        self._server.request_call(self._cq, self._cq, _GENERIC)
+
+    def _poll(self) -> None:
+        cq = self._cq
+        timeout = cygrpc.CompletionType.queue_timeout
+        try:
+            while True:
+                event = cq.poll(time.time() + _POLL_PERIOD_S)
+                if event.completion_type == timeout:
+                    if self._finished():
+                        break
+                    continue
+                self._complete(event)
+                while (event := cq.poll(0)).completion_type != timeout:
+                    self._complete(event)
+                event = None  # drop the last call reference before running the hooks
+                for hook in self._idle_hooks:
+                    hook()
+                if self._finished():
+                    break
+        except Exception:
+            log.exception("gRPC polling thread failed")
+        finally:
+            self._server.destroy()
+            self._stage = _Stage.STOPPED
+            loop, stopped = self._loop, self._stopped
+            if loop is not None and stopped is not None and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(stopped.set)
+
+    def _complete(self, event: Any) -> None:
+        with self._lock:
+            self._due -= 1
+        tag = event.tag
+        try:
+            tag.complete(self, event)
+        except Exception:
+            log.exception("completion handling failed (%s)", type(tag).__name__)
+
+    def _finished(self) -> bool:
+        with self._lock:
+            return self._shutdown_done and self._due == 0
+
+    # --- calls served on the asyncio loop
+
+    def _dispatch(self, event: Any, registered: str) -> None:
+        method = registered or _text(event.call_details.method)
+        handler = self._registered.get(method) if registered else None
+        if handler is None:
+            metadata = tuple(event.invocation_metadata or ())
+            details = _HandlerCallDetails(method, metadata)
+            for generic in self._generic:
+                handler = generic.service(details)
+                if handler is not None:
+                    break
+        if handler is None:
+            self._start_batch(event.call, (
+                cygrpc.SendInitialMetadataOperation(None, _NO_FLAGS),
+                cygrpc.SendStatusFromServerOperation(
+                    None, _status_int(grpc.StatusCode.UNIMPLEMENTED),
+                    f"method {method} is not implemented".encode(), _NO_FLAGS),
+                cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),
+            ), _FAST_DONE)
+            return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._start_rpc, event, handler)
+
+    def _start_rpc(self, event: Any, handler: grpc.RpcMethodHandler) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_rpc(_Rpc(self, event, handler)))
+        self._rpcs.add(task)
+        task.add_done_callback(self._rpcs.discard)
+
+    async def _serve_rpc(self, rpc: _Rpc) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        closed = asyncio.ensure_future(
+            rpc.batch((cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),)))
+
+        def on_close(done: asyncio.Future[Any]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            if done.result().batch_operations[0].cancelled():
+                rpc.client_cancelled = True
+                if not rpc.finished:
+                    task.cancel()
+
+        closed.add_done_callback(on_close)
+        context = Context(rpc)
+        try:
+            reply = await self._run_handler(rpc, context)
+            await rpc.finish(context.code(), context.details(), reply, context.trailing_metadata())
+        except _Abort:
+            await rpc.finish(context.code(), context.details(), None, context.trailing_metadata())
+        except _BadRequest as e:
+            await rpc.finish(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except asyncio.CancelledError:
+            if not rpc.client_cancelled:
+                with contextlib.suppress(Exception):
+                    await rpc.finish(grpc.StatusCode.CANCELLED, "the server cancelled the call")
+        except Exception as e:
+            log.exception("handler failed")
+            await rpc.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e).__name__}: {e}")
+        finally:
+            context._run_callbacks()
+
+    async def _run_handler(self, rpc: _Rpc, context: Context) -> Any:
+        """The handler's single reply (None for a response stream, already sent)."""
+        handler = rpc.handler
+        if handler.request_streaming:
+            request: Any = rpc.requests()
+        else:
+            request = await rpc.read()
+            if request is grpc.aio.EOF:
+                raise _BadRequestEmpty
+        if not handler.response_streaming:
+            behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        result = behavior(request, context)
+        if inspect.isasyncgen(result):
+            async for message in result:
+                await rpc.send(message)
+        elif inspect.isawaitable(result):
+            await result
+        elif result is not None:  # a plain iterator
+            for message in result:
+                await rpc.send(message)
+        return None
+
+
+_BadRequestEmpty = _BadRequest("expected exactly one request message, got none")
+_GENERIC = _NewCall("")
+
+
+def _fail_future(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(asyncio.CancelledError("the call is already over"))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+__all__ = ["Context", "CoreServer", "FastCall", "FastHandler"]
