@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any, NoReturn
 
@@ -30,7 +31,7 @@ from google.protobuf.message import Message
 
 from service import admin
 from service import oip_codec as tensors
-from service.batcher import Batcher
+from service.batcher import Batcher, Prediction
 from service.config import Settings
 from service.errors import (
     FailedPrecondition,
@@ -40,9 +41,11 @@ from service.errors import (
     Unavailable,
     status_of,
 )
+from service.fastpath import Answer
 from service.metrics import Metrics
 from service.pb.inference import grpc_service_pb2 as pb
 from service.registry import ModelRegistry, VersionState
+from service.transport import CoreServer, FastCall
 
 log = logging.getLogger(__name__)
 
@@ -163,37 +166,59 @@ class InferenceServicer:
         """One request end to end, counted like the native Classify before the client hears
         back (abort sends the status at once, so counting after it would race a scrape)."""
         started = time.perf_counter()
-        model = version = ""
         images = 0
         code = grpc.StatusCode.OK
+        job = _Infer()
         try:
-            request = tensors.parse(pb.ModelInferRequest, raw)
-            number, label = tensors.parse_version(request.model_version)
-            if not label:  # labels resolve at batch time, as in the native API
-                sv = self._registry.resolve(request.model_name, number)
-                model, version = sv.name, str(sv.version)
-            names = tensors.requested_outputs(request)
-            x, came_raw = tensors.decode_input(request, self._settings.max_images_per_request)
+            request, x = self._prepare(raw, job)
             images = int(x.shape[0])
             prediction = await self._batcher.submit(
-                x, model=request.model_name, version=number, label=label,
+                x, model=request.model_name, version=job.number, label=job.label,
                 deadline_s=time_remaining,
             )
             answered = prediction.version
-            model, version = answered.name, str(answered.version)
-            reply = pb.ModelInferResponse(
-                model_name=answered.name, model_version=version, id=request.id
-            )
-            tensors.encode_outputs(reply, names, prediction.probabilities, came_raw)
-            return reply
+            job.model, job.version = answered.name, str(answered.version)
+            return job.response(prediction)
         except BaseException as e:
             code = (grpc.StatusCode.CANCELLED if isinstance(e, asyncio.CancelledError)
                     else status_of(e)[0])
             raise
         finally:
             self._metrics.request_done(
-                "ModelInfer", model, version, code.name, images, time.perf_counter() - started
+                "ModelInfer", job.model, job.version, code.name, images,
+                time.perf_counter() - started,
             )
+
+    def _prepare(self, raw: bytes, job: _Infer) -> tuple[pb.ModelInferRequest, tensors.Array]:
+        """Parse and validate completely, filling in `job` as it goes (a failure is counted
+        under the version once that is known; the batch re-resolves a version at its time)."""
+        request = tensors.parse(pb.ModelInferRequest, raw)
+        job.id = request.id
+        job.number, job.label = tensors.parse_version(request.model_version)
+        if not job.label:  # labels resolve at batch time, as in the native API
+            sv = self._registry.resolve(request.model_name, job.number)
+            job.model, job.version = sv.name, str(sv.version)
+        job.outputs = tensors.requested_outputs(request)
+        x, job.came_raw = tensors.decode_input(request, self._settings.max_images_per_request)
+        return request, x
+
+    def infer_now(self, call: FastCall, raw: bytes) -> None:
+        """ModelInfer on gRPC core's polling thread, as servicer.classify_now: validate now,
+        queue for the batch, and the `fastpath.Answer` replies. Must not block or raise."""
+        answer = Answer(self._metrics, "ModelInfer", call)
+        job = _Infer()
+        try:
+            request, x = self._prepare(raw, job)
+            answer.model, answer.version = job.model, job.version
+            answer.images = int(x.shape[0])
+            answer.encode = job.encoded
+            self._batcher.submit_nowait(
+                x, answer, model=request.model_name, version=job.number, label=job.label,
+                deadline_s=call.time_remaining(),
+            )
+        except Exception as e:
+            answer.model, answer.version = job.model, job.version
+            answer.set_exception(e)
 
     # --- model-repository extension
 
@@ -263,6 +288,31 @@ class InferenceServicer:
 
 # --- registration ---------------------------------------------------------------------------
 
+@dataclass(slots=True)
+class _Infer:
+    """What a valid ModelInfer request asks for, kept until its batch answers it."""
+
+    id: str = ""
+    number: int = 0
+    label: str = ""
+    model: str = ""
+    version: str = ""
+    outputs: tuple[str, ...] = ()
+    came_raw: bool = False
+
+    def response(self, prediction: Prediction) -> pb.ModelInferResponse:
+        answered = prediction.version
+        reply = pb.ModelInferResponse(
+            model_name=answered.name, model_version=str(answered.version), id=self.id
+        )
+        tensors.encode_outputs(reply, self.outputs, prediction.probabilities, self.came_raw)
+        return reply
+
+    def encoded(self, prediction: Prediction) -> bytes:
+        message: bytes = self.response(prediction).SerializeToString()
+        return message
+
+
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
@@ -315,5 +365,7 @@ def add_to_server(
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         s.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString
     )
+    if isinstance(server, CoreServer):
+        server.add_fast_method(f"/{SERVICE_NAME}/ModelInfer", s.infer_now)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     return s

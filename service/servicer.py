@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import grpc
 from service import codec
 from service.batcher import Batcher, Prediction
 from service.errors import NotFound, ServiceError, status_of
+from service.fastpath import Answer
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.registry import ModelRegistry, ServableVersion
@@ -84,11 +86,12 @@ class ClassifierServicer:
     def classify_now(self, call: FastCall, raw: bytes) -> None:
         """Classify on gRPC core's polling thread (service/transport.py): validate now and
         queue the images for the batch the polling thread computes once nothing more is
-        arriving; `_Answer` replies. Must not block or raise."""
-        answer = _Answer(self, call)
+        arriving; the `fastpath.Answer` replies. Must not block or raise."""
+        answer = Answer(self._metrics, "Classify", call)
         try:
             request, x = self._prepare(raw)
-            answer.request, answer.images = request, int(x.shape[0])
+            answer.images = int(x.shape[0])
+            answer.encode = functools.partial(_encoded, request)
             self._batcher.submit_nowait(
                 x, answer, model=request.model, version=request.version,
                 label=request.version_label, deadline_s=call.time_remaining(),
@@ -219,50 +222,9 @@ def _response(prediction: Prediction, request: pb.ClassifyRequest) -> pb.Classif
                                  request.request_id, request.packed_output)
 
 
-class _Answer:
-    """A fast Classify call waiting for its batch (a batcher Waiter): replies and counts."""
-
-    __slots__ = ("_inflight", "_servicer", "call", "images", "request", "started")
-
-    def __init__(self, servicer: ClassifierServicer, call: FastCall) -> None:
-        self._servicer = servicer
-        self.call = call
-        self.request: pb.ClassifyRequest | None = None
-        self.images = 0
-        self.started = time.perf_counter()
-        metrics = servicer._metrics
-        self._inflight = metrics.inflight if metrics.enabled else None
-        if self._inflight is not None:
-            self._inflight.inc()
-
-    def done(self) -> bool:
-        return False  # the client's going away is noticed by gRPC core, not here
-
-    def set_result(self, prediction: Prediction) -> None:
-        assert self.request is not None
-        try:
-            message = _response(prediction, self.request).SerializeToString()
-        except Exception as e:
-            self.set_exception(e)
-            return
-        sv = prediction.version
-        self._count(sv.name, str(sv.version), grpc.StatusCode.OK)  # counted before it is seen
-        self.call.reply(message)
-
-    def set_exception(self, exception: BaseException) -> None:
-        if not isinstance(exception, ServiceError):
-            log.error("Classify failed", exc_info=exception)
-        code, details = status_of(exception)
-        self._count("", "", code)
-        self.call.fail(code, details)
-
-    def _count(self, model: str, version: str, code: grpc.StatusCode) -> None:
-        if self._inflight is not None:
-            self._inflight.dec()
-        self._servicer._metrics.request_done(
-            "Classify", model, version, code.name, self.images,
-            time.perf_counter() - self.started,
-        )
+def _encoded(request: pb.ClassifyRequest, prediction: Prediction) -> bytes:
+    message: bytes = _response(prediction, request).SerializeToString()
+    return message
 
 
 def _as_service_error(e: Exception) -> Exception:
