@@ -23,9 +23,9 @@ Two ways in, one queue (guarded by a lock, so either thread may take from it):
   * `submit_nowait` + `run_queued` (any thread, no asyncio): the fast path of gRPC core's
     polling thread (service/transport.py). Its handlers queue requests as their messages
     arrive; once no completion is waiting, the polling thread calls `run_queued`, which
-    computes everything queued, inline, in batches of up to `max_batch_rows`. The flush point
-    is "nothing more has arrived": requests that come together are computed together, and a
-    lone request at once, without a timer.
+    computes the batches that are due (the same rule as the worker's), inline, and says when
+    the rest will be: the polling thread waits for completions until then at most. A lone
+    request is computed at once.
 A waiter is told its result from whichever thread computed it: asyncio futures through
 `call_soon_threadsafe` when that is not the loop's thread.
 
@@ -221,13 +221,23 @@ class Batcher:
         """
         self._enqueue(x, model, version, label, deadline_s, waiter)
 
-    def run_queued(self) -> None:
-        """Compute everything queued now, inline on this thread (never raises). With batching
-        off, each request is its own forward (the benchmark's baseline)."""
+    def run_queued(self) -> float | None:
+        """Compute the queued batches that are due, inline on this thread (never raises), and
+        return when (time.monotonic()) the rest will be due, or None when nothing is queued.
+
+        A batch is due under the worker's rule: full enough (as many requests as were
+        outstanding at the busiest moment since the previous batch, or max_batch_rows), or
+        max_batch_wait_s after its oldest request arrived. With batching off, each request is
+        its own forward at once (the benchmark's baseline)."""
         while self._queue:
+            if self.enabled and self._max_wait > 0 and not self._full_enough():
+                due = self._queue[0].enqueued + self._max_wait
+                if time.monotonic() < due:
+                    return due
             batch = self._take(self._max_rows if self.enabled else 1)
             if batch:
                 self._compute_now(batch)
+        return None
 
     def _admit(self, rows: int) -> None:
         if self._closing:

@@ -343,10 +343,11 @@ class _Rpc:
                      trailing: tuple[tuple[str, Any], ...] | None = None) -> None:
         if self.finished:
             return
+        # Serialize first: if that fails, the caller's error path still sends a status.
+        raw = None if message is None else _serialize(self.handler.response_serializer, message)
         self.finished = True
         ops = self._initial()
-        if message is not None:
-            raw = _serialize(self.handler.response_serializer, message)
+        if raw is not None:
             ops.append(cygrpc.SendMessageOperation(raw, _NO_FLAGS))
         ops.append(cygrpc.SendStatusFromServerOperation(
             trailing, _status_int(code), details.encode("utf-8", "replace"), _NO_FLAGS))
@@ -380,7 +381,7 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
         self._generic: list[grpc.GenericRpcHandler] = []
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
         self._fast: dict[str, FastHandler] = {}
-        self._idle_hooks: list[Callable[[], None]] = []
+        self._idle_hooks: list[Callable[[], float | None]] = []
         self._stage = _Stage.NEW
         self._lock = threading.Lock()
         self._due = 0  # batches and call requests started and not yet completed
@@ -418,9 +419,10 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
             self._server.register_method(path)
         self._fast[path] = handler
 
-    def add_idle_hook(self, hook: Callable[[], None]) -> None:
+    def add_idle_hook(self, hook: Callable[[], float | None]) -> None:
         """Run `hook()` on the polling thread whenever no completion is waiting (it computes
-        what the fast handlers queued). It must not raise."""
+        what the fast handlers queued). It returns when (time.monotonic()) it wants to run
+        again even if nothing arrives, or None. It must not raise."""
         self._idle_hooks.append(hook)
 
     def add_insecure_port(self, address: str) -> int:
@@ -461,21 +463,35 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
             self._server.destroy()
             return
         assert self._stopped is not None
-        if self._stage is _Stage.SERVING:
-            with self._lock:
+        with self._lock:
+            if self._stage is _Stage.SERVING:
                 self._stage = _Stage.STOPPING
                 self._due += 1
                 self._server.shutdown(self._cq, _Shutdown())
         if grace is None or grace <= 0:
-            self._server.cancel_all_calls()
+            self._cancel_all_calls()
         else:
             try:
                 await asyncio.wait_for(self._stopped.wait(), grace)
             except TimeoutError:
-                self._server.cancel_all_calls()
+                self._cancel_all_calls()
         await self._stopped.wait()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        # gRPC core is gone: a handler still running on the loop (one that ignored its
+        # cancellation) can no longer be answered; end it rather than leave it pending.
+        running = [task for task in self._rpcs if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=_POLL_PERIOD_S)
+
+    def _cancel_all_calls(self) -> None:
+        # Under the lock: the polling thread destroys the server under it once it is done,
+        # and cancelling calls on a destroyed server is a use-after-free in gRPC core.
+        with self._lock:
+            if self._stage is not _Stage.STOPPED:
+                self._server.cancel_all_calls()
 
     async def wait_for_termination(
         self, timeout: float | None = None  # noqa: ASYNC109 (grpc.aio.Server's signature)
@@ -492,13 +508,15 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
 
     def _start_batch(self, call: Any, ops: Sequence[Any], tag: _Tag) -> None:
         with self._lock:
-            self._due += 1
-        error = call.start_server_batch(ops, tag)
-        if error:  # not started (the call is already over): the tag will never come back
-            with self._lock:
+            started = self._stage is not _Stage.STOPPED  # else the server is destroyed
+            if started:
+                self._due += 1  # the polling thread will not destroy it while this is due
+        if started and call.start_server_batch(ops, tag):
+            with self._lock:  # not started (the call is already over): no completion comes
                 self._due -= 1
-            if isinstance(tag, _LoopTag):
-                tag.loop.call_soon_threadsafe(_fail_future, tag.future)
+            started = False
+        if not started and isinstance(tag, _LoopTag):
+            tag.loop.call_soon_threadsafe(_fail_future, tag.future)
 
     def _request_registered(self, path: str, tag: _Tag) -> None:
         with self._lock:
@@ -513,30 +531,37 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
     def _poll(self) -> None:
         cq = self._cq
         timeout = cygrpc.CompletionType.queue_timeout
+        due: float | None = None  # when (monotonic) an idle hook wants to run again
         try:
             while True:
-                event = cq.poll(time.time() + _POLL_PERIOD_S)
-                if event.completion_type == timeout:
-                    if self._finished():
-                        break
-                    continue
-                self._complete(event)
-                while (event := cq.poll(0)).completion_type != timeout:
+                wait_s = _POLL_PERIOD_S if due is None else max(0.0, due - time.monotonic())
+                event = cq.poll(time.time() + wait_s)
+                if event.completion_type != timeout:
                     self._complete(event)
+                    while (event := cq.poll(0)).completion_type != timeout:
+                        self._complete(event)
                 event = None  # drop the last call reference before running the hooks
-                for hook in self._idle_hooks:
-                    hook()
+                due = self._run_idle_hooks()
                 if self._finished():
                     break
         except Exception:
             log.exception("gRPC polling thread failed")
         finally:
-            self._server.destroy()
-            self._stage = _Stage.STOPPED
+            with self._lock:
+                self._stage = _Stage.STOPPED
+                self._server.destroy()
             loop, stopped = self._loop, self._stopped
             if loop is not None and stopped is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(stopped.set)
+
+    def _run_idle_hooks(self) -> float | None:
+        due: float | None = None
+        for hook in self._idle_hooks:
+            wanted = hook()
+            if wanted is not None and (due is None or wanted < due):
+                due = wanted
+        return due
 
     def _complete(self, event: Any) -> None:
         with self._lock:
@@ -548,8 +573,12 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
             log.exception("completion handling failed (%s)", type(tag).__name__)
 
     def _finished(self) -> bool:
+        """Shut down with nothing due; from now on no batch may start (see _start_batch)."""
         with self._lock:
-            return self._shutdown_done and self._due == 0
+            if self._shutdown_done and self._due == 0:
+                self._stage = _Stage.STOPPED
+                return True
+            return False
 
     # --- calls served on the asyncio loop
 
