@@ -5,6 +5,9 @@
 Servers (each a subprocess pinned to CPU 0 with taskset; the load generator is pinned to CPU 1):
   bare-aio       grpc.aio server, same method path, no work: returns a prebuilt reply
   bare-threaded  threaded grpc.server, same
+  bare-core      service.transport.CoreServer, same, as a fast method answered at once: the
+                 floor of the front end `ours` is built on (for information; the issue's
+                 target is against the faster of bare-aio and bare-threaded)
   nobatch        our server with --no-batching (each request its own forward)
   ours           our server as shipped (dynamic batching)
 Shapes: 1 image and 256 images per request at concurrency 1, 8 and 64 (closed loop, asyncio,
@@ -46,7 +49,7 @@ from common import (
 from service.pb.mnist.v1 import classifier_pb2 as pb
 
 EXTRA: list[str] = []
-SERVERS = ("bare-aio", "bare-threaded", "nobatch", "ours")
+SERVERS = ("bare-aio", "bare-threaded", "bare-core", "nobatch", "ours")
 # (images per request, concurrency)
 SHAPES: list[tuple[int, ...]] = [(1, 1), (1, 8), (1, 64), (256, 1), (256, 8), (256, 64)]
 
@@ -68,7 +71,22 @@ def _bare_reply(raw: bytes, cache: dict[int, bytes]) -> bytes:
 def run_bare(kind: str, port: int) -> None:
     cache: dict[int, bytes] = {}
     options = [*BIG_MESSAGES, ("grpc.so_reuseport", 0)]
-    if kind == "aio":
+    if kind == "core":
+        from service.transport import CoreServer, FastCall
+
+        def answer(call: FastCall, raw: bytes) -> None:
+            call.reply(_bare_reply(raw, cache))
+
+        async def main_core() -> None:
+            server = CoreServer(options)
+            server.add_fast_method(CLASSIFY, answer)
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            print(f"event=listening port={port}", flush=True)
+            await server.wait_for_termination()
+
+        asyncio.run(main_core())
+    elif kind == "aio":
         async def handle(raw: bytes, context: Any) -> bytes:
             return _bare_reply(raw, cache)
 
@@ -129,7 +147,7 @@ def measure_with_cpu(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bare", choices=("aio", "threaded"), help=argparse.SUPPRESS)
+    parser.add_argument("--bare", choices=("aio", "threaded", "core"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--duration-s", type=float, default=2.0, help="per cell")
     parser.add_argument("--max-requests", type=int, default=200_000, help="per cell")
@@ -198,6 +216,13 @@ def main() -> int:
             ("c64 1-image bare-aio / bare-threaded",
              g("bare-aio", 1, 64, "rps") / g("bare-threaded", 1, 64, "rps"), "(info)"),
         ]
+        if "bare-core" in servers:
+            checks += [
+                ("c64 1-image ours / bare-core (its own floor)",
+                 g("ours", 1, 64, "rps") / g("bare-core", 1, 64, "rps"), "(info)"),
+                ("c1 1-image p50 ours / bare-core",
+                 g("ours", 1, 1, "p50_ms") / g("bare-core", 1, 1, "p50_ms"), "(info)"),
+            ]
         print("\n| ratio | value | target |\n|---|---:|---|")
         for name, value, target in checks:
             print(f"| {name} | {value:.2f} | {target} |")

@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import admin, oip
+from service import admin, oip, transport
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
@@ -152,7 +152,11 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         inline_max_rows=settings.inline_forward_max_rows,
     )
     server: grpc.aio.Server
-    if settings.frontend == "core":
+    frontend = settings.frontend
+    if frontend == "core" and (reason := transport.unavailable_reason()) is not None:
+        log.warning("event=frontend_fallback frontend=aio reason=%r", reason)
+        frontend = "aio"
+    if frontend == "core":
         core = CoreServer(_server_options(settings))
         core.add_idle_hook(batcher.run_queued)
         server = core
@@ -194,8 +198,8 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     await server.start()
     if admin_endpoint is not None:
         await admin_endpoint.start()
-    log.info("event=listening address=%s port=%d tls=%s batching=%s models=%s pid=%d",
-             settings.host, port, creds is not None, settings.batching,
+    log.info("event=listening address=%s port=%d tls=%s frontend=%s batching=%s models=%s "
+             "pid=%d", settings.host, port, creds is not None, frontend, settings.batching,
              [s.name for s in registry.status()], os.getpid())
     running = RunningServer(server, port, registry, batcher, metrics, health_servicer,
                             metrics_port, admin_endpoint, _closers=closers)

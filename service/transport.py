@@ -19,8 +19,9 @@ measured with the same load generator. So:
 
 `CoreServer` is a `grpc.aio.Server`, so `add_*_to_server`, health and reflection register on it
 as on any server. It uses `grpc._cython.cygrpc`, the layer grpcio's own two servers are built
-on; it is private API, so pyproject pins grpcio's range and tests/test_transport.py exercises
-every path. `--frontend aio` serves through plain grpc.aio instead (service/server.py).
+on; it is private API, so tests/test_transport.py exercises every path, `unavailable_reason()`
+makes the server fall back to grpc.aio on a grpcio that lacks what this module uses, and
+`--frontend aio` serves through plain grpc.aio on request (service/server.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,35 @@ _NO_DEADLINE_AFTER_S = 10 * 365 * 24 * 3600.0
 _POLL_PERIOD_S = 1.0
 
 FastHandler = Callable[["FastCall", bytes], None]
+
+
+# What CoreServer uses of grpcio's private layer; checked once so that a grpcio that changed
+# it makes the server fall back to grpc.aio (server.py) instead of failing mid-request.
+_NEEDED = {
+    "Server": ("add_http2_port", "cancel_all_calls", "destroy", "register_completion_queue",
+               "register_method", "request_call", "request_registered_call", "shutdown",
+               "start"),
+    "CompletionQueue": ("poll",),
+    "Call": ("cancel", "peer", "start_server_batch"),
+    "CompletionType": ("queue_timeout",),
+    "ReceiveMessageOperation": ("message",),
+    "ReceiveCloseOnServerOperation": ("cancelled",),
+    "SendInitialMetadataOperation": (),
+    "SendMessageOperation": (),
+    "SendStatusFromServerOperation": (),
+}
+
+
+def unavailable_reason() -> str | None:
+    """Why CoreServer cannot run on the installed grpcio, or None when it can."""
+    for name, attributes in _NEEDED.items():
+        owner = getattr(cygrpc, name, None)
+        if owner is None:
+            return f"grpcio {grpc.__version__} has no cygrpc.{name}"
+        for attribute in attributes:
+            if not hasattr(owner, attribute):
+                return f"grpcio {grpc.__version__} has no cygrpc.{name}.{attribute}"
+    return None
 
 
 class _Stage(enum.Enum):
@@ -681,4 +711,4 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-__all__ = ["Context", "CoreServer", "FastCall", "FastHandler"]
+__all__ = ["Context", "CoreServer", "FastCall", "FastHandler", "unavailable_reason"]

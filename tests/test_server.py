@@ -350,3 +350,28 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
         assert log.read_text().count("event=stopped") == 2
     finally:
         stop_process(proc, signal.SIGKILL)
+
+
+def test_core_front_end_is_available_on_the_pinned_grpcio() -> None:
+    """transport.py uses grpcio's private layer; if a grpcio upgrade drops what it needs, the
+    server silently falls back to grpc.aio at ~0.6 of the rate, so say so here."""
+    from service import transport
+
+    assert transport.unavailable_reason() is None
+
+
+def test_server_falls_back_to_aio_when_the_core_front_end_is_unavailable(
+    model_repo: Path, start: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service import transport
+
+    monkeypatch.setattr(transport, "unavailable_reason", lambda: "grpcio 9.9 has no cygrpc.Server")
+    with caplog.at_level("WARNING", logger="service.server"):
+        server = start(model_repo)
+    assert not isinstance(server.running.grpc_server, transport.CoreServer)
+    assert any("frontend_fallback" in r.getMessage() and "9.9" in r.getMessage()
+               for r in caplog.records)
+    with grpc.insecure_channel(server.target) as ch:
+        reply = pb_grpc.ClassifierStub(ch).Classify(uint8_request(np.zeros((2, 784), np.uint8)),
+                                                    timeout=10)
+    assert len(reply.predictions) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,19 @@ from conftest import (
 from service.model import load_model, pixels_to_input
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(params=["core", "aio"])
+def start(request: pytest.FixtureRequest,
+          start: Callable[..., ServerThread]) -> Callable[..., ServerThread]:
+    """Every test here runs on both front ends: Classify on gRPC core's polling thread
+    (service/transport.py, the default) and everything through plain grpc.aio."""
+
+    def factory(model_dir: Path, **overrides: Any) -> ServerThread:
+        overrides.setdefault("frontend", request.param)
+        return start(model_dir, **overrides)
+
+    return factory
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
