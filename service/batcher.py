@@ -1,9 +1,10 @@
 """Bounded queue -> batches by rows or deadline -> one forward pass -> rows back to callers.
 
-Why it looks like this: the Python gRPC layer, not the model, is the bottleneck (an empty
-grpc.aio call costs ~300 us of server CPU, a one-image forward ~15 us). Finishing many
-requests together amortises the event loop's per-call cost, so concurrent requests are
-coalesced; but a lone request must not wait for company that is not coming.
+Why it looks like this: the Python gRPC layer, not the model, is the bottleneck (even on the
+completion-queue front end, service/transport.py, a call costs ~36 us of server CPU before any
+work, a one-image forward ~15-20 us). Finishing many requests together amortises the per-call
+work of the forward, so concurrent requests are coalesced; but a lone request must not wait
+for company that is not coming.
 
 Flush policy (one worker task):
   * take requests until `max_batch_rows` would be exceeded (a bigger request is a batch alone);
