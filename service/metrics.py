@@ -381,7 +381,7 @@ class Metrics:
         if c is None:
             c = self._batch_children_for(model, version)
         if not self._defer:
-            self._record_batch(c, queue_waits_s, forward_s, probabilities)
+            self._record_batches(c, [forward_s], list(queue_waits_s), [probabilities])
             return
         self._pending.append((c, queue_waits_s, forward_s, probabilities))
         self._pending_rows += probabilities.shape[0]
@@ -392,9 +392,7 @@ class Metrics:
         """Record the batches waiting to be recorded (thread-safe; the exporter calls it)."""
         with self._flush_lock:
             self._pending_rows = 0
-            pending = self._pending
-            while pending:
-                self._record_batch(*pending.popleft())
+            self._record_pending_batches()
             self._record_requests()
             if isinstance(self.inflight, _LiveCount):
                 self._inflight_gauge.set(self.inflight.n)
@@ -422,36 +420,57 @@ class Metrics:
                 c.images.inc(total)
             c.duration.observe_many(np.asarray(durations, dtype=np.float64))
 
-    def _record_batch(
+    def _record_pending_batches(self) -> None:
+        """The queued batches, grouped per label set: one bulk record per group, so a scrape
+        costs a few NumPy calls per model version rather than ~25 us per batch."""
+        pending = self._pending
+        grouped: dict[int, tuple[_BatchChildren, list[float], list[float],
+                                 list[npt.NDArray[np.float32]]]] = {}
+        while pending:
+            c, queue_waits_s, forward_s, probabilities = pending.popleft()
+            g = grouped.get(id(c))
+            if g is None:
+                g = grouped[id(c)] = (c, [], [], [])
+            g[1].append(forward_s)
+            g[2].extend(queue_waits_s)
+            g[3].append(probabilities)
+        for c, forwards, waits, arrays in grouped.values():
+            self._record_batches(c, forwards, waits, arrays)
+
+    def _record_batches(
         self,
         c: _BatchChildren,
-        queue_waits_s: Iterable[float],
-        forward_s: float,
-        probabilities: npt.NDArray[np.float32],
+        forwards_s: list[float],
+        queue_waits_s: list[float],
+        probabilities: list[npt.NDArray[np.float32]],
     ) -> None:
-        rows = probabilities.shape[0]
-        c.rows.observe(rows)
-        c.forward.observe(forward_s)
-        if rows <= SMALL_BATCH_ROWS:
+        """Batches of one model version: one forward time and one probabilities array each,
+        every request's queue wait."""
+        rows = [p.shape[0] for p in probabilities]
+        if len(rows) == 1:
+            c.rows.observe(rows[0])
+            c.forward.observe(forwards_s[0])
+        else:
+            c.rows.observe_many(np.asarray(rows, dtype=np.float64))
+            c.forward.observe_many(np.asarray(forwards_s, dtype=np.float64))
+        if sum(rows) <= SMALL_BATCH_ROWS:
             # NumPy's fixed cost per call (~1 µs, a dozen calls) outweighs its speed here.
             for w in queue_waits_s:
                 c.wait.observe(w)
             predictions = c.predictions
-            for row in probabilities.tolist():
-                top = max(row)
-                predictions[row.index(top)].inc()
-                c.confidence.observe(top)
+            for p in probabilities:
+                for row in p.tolist():
+                    top = max(row)
+                    predictions[row.index(top)].inc()
+                    c.confidence.observe(top)
             return
-        waits = (
-            queue_waits_s if isinstance(queue_waits_s, np.ndarray)
-            else np.fromiter(queue_waits_s, dtype=np.float64)
-        )
-        c.wait.observe_many(waits)
-        counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
+        c.wait.observe_many(np.asarray(queue_waits_s, dtype=np.float64))
+        probs = probabilities[0] if len(probabilities) == 1 else np.concatenate(probabilities)
+        counts = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES)
         predictions = c.predictions
         for cls in np.flatnonzero(counts[:NUM_CLASSES]).tolist():
             predictions[cls].inc(int(counts[cls]))
-        c.confidence.observe_many(probabilities.max(axis=1))
+        c.confidence.observe_many(probs.max(axis=1))
 
     def _batch_children_for(self, model: str, version: int) -> _BatchChildren:
         with self._children_lock:

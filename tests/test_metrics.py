@@ -124,6 +124,7 @@ def test_small_and_large_batches_record_the_same_samples() -> None:
     step = metrics_mod.SMALL_BATCH_ROWS
     for i in range(0, 40, step):
         m.batch_done("mnist", 1, waits[i:i + step].tolist(), 0.001, p[i:i + step])
+        m.flush()  # each recorded alone, so row by row (a flush groups what waits)
 
     def per_row(reg: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         wanted = ("mnist_predictions", "mnist_prediction_confidence_ratio",
@@ -141,6 +142,36 @@ def test_small_and_large_batches_record_the_same_samples() -> None:
         assert b[key] == pytest.approx(a[key], rel=1e-9), key
     assert big.get_sample_value("mnist_batch_rows_count", {"model": "mnist"}) == 1
     assert small.get_sample_value("mnist_batch_rows_count", {"model": "mnist"}) == 5
+
+
+def test_batches_recorded_together_equal_batches_recorded_one_by_one() -> None:
+    """A scrape records every batch since the previous one grouped per model version: the
+    series must be exactly those of recording each batch on its own."""
+    rng = np.random.default_rng(11)
+    batches = [(1 + i % 2, rng.dirichlet(np.ones(10) * 0.5, size=n).astype(np.float32),
+                rng.uniform(0, 0.01, max(1, n // 3)).tolist(), float(rng.uniform(1e-4, 3e-3)))
+               for i, n in enumerate([1, 3, 9, 64, 2, 17, 5, 40])]
+    together, alone = CollectorRegistry(), CollectorRegistry()
+    t, a = Metrics(together), Metrics(alone)
+    for version, p, waits, forward_s in batches:
+        t.batch_done("mnist", version, waits, forward_s, p)
+        a.batch_done("mnist", version, waits, forward_s, p)
+        a.flush()
+
+    def series(reg: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in reg.collect() if fam.name.startswith(("mnist_batch", "mnist_forward",
+                                                             "mnist_predict"))
+            for s in fam.samples if not s.name.endswith("_created")
+        }
+
+    x, y = series(together), series(alone)
+    assert x.keys() == y.keys()
+    assert together.get_sample_value("mnist_batch_rows_count", {"model": "mnist"}) == 8
+    assert sum(v for (n, _), v in x.items() if n == "mnist_predictions_total") == 141
+    for key in x:
+        assert x[key] == pytest.approx(y[key], rel=1e-9), key
 
 
 @pytest.mark.parametrize("buckets", [LATENCY_BUCKETS_S, CONFIDENCE_BUCKETS])
