@@ -33,8 +33,8 @@ class Settings:
     workers: int = _opt(1, "server processes sharing the port with SO_REUSEPORT")
     grace_period_s: float = _opt(10.0, "on SIGTERM, how long in-flight requests may finish")
     frontend: str = _opt(
-        "core", "'core': Classify answered on gRPC core's completion queue by one thread, "
-        "the rest on asyncio (fastest); 'aio': everything through grpc.aio"
+        "core", "'core': Classify and v2 ModelInfer answered on gRPC core's completion queue by "
+        "one thread, the rest on asyncio (fastest); 'aio': everything through grpc.aio"
     )
     tls_cert: Path | None = _opt(None, "PEM server certificate; enables TLS with --tls-key")
     tls_key: Path | None = _opt(None, "PEM private key of --tls-cert")
@@ -52,8 +52,9 @@ class Settings:
     )
     max_images_per_request: int = _opt(4096, "most images one request may carry")
     inline_forward_max_rows: int = _opt(
-        32, "forwards of at most this many rows run on the event loop, not in a thread: "
-        "cheaper than the handoff (0: always in a thread)"
+        32, "batches formed on the event loop (ClassifyStream; every batch with --frontend aio) "
+        "of at most this many rows run there, not in a thread: cheaper than the handoff "
+        "(0: always in a thread). Classify on the core front end computes on its own thread"
     )
     # --- model versions
     rescan_interval_s: float = _opt(2.0, "how often the repository is rescanned (0: never)")
