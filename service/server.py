@@ -254,6 +254,9 @@ def _configure_logging(level: str) -> None:
 
 
 def _run_worker(settings: Settings) -> None:
+    # A SIGHUP the supervisor forwards before this worker's rescan handler exists must not
+    # kill it (the default action); it loads what is on disk at startup anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _configure_logging(settings.log_level)
     asyncio.run(_serve_async(settings))
 
@@ -268,7 +271,8 @@ def serve(settings: Settings) -> None:
 
 
 def _supervise(settings: Settings) -> int:
-    """N worker processes on one port; restart crashed ones; forward SIGTERM; exit 0 if clean."""
+    """N worker processes on one port; restart crashed ones; forward SIGTERM and SIGHUP;
+    exit 0 if clean."""
     if settings.port == 0:
         log.error("event=config_error message='--workers > 1 needs a fixed --port'")
         return 2
@@ -298,9 +302,16 @@ def _supervise(settings: Settings) -> int:
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
 
+    def on_hangup(signum: int, _frame: Any) -> None:  # `kill -HUP`: every worker rescans
+        log.info("event=signal signal=SIGHUP action=forward workers=%d", len(procs))
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGHUP)
+
     procs = [spawn(i) for i in range(settings.workers)]
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     while True:
         for i, p in enumerate(procs):
             if not p.is_alive() and not stopping:

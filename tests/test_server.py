@@ -332,19 +332,32 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--model-dir", str(repo), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "2", "--no-metrics-enabled"],
+         "--port", str(port), "--workers", "2", "--no-metrics-enabled",
+         "--rescan-interval-s", "0"],  # never on a timer: only SIGHUP rescans
         cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
+
+    def versions_seen() -> set[int]:
+        seen = set()
+        for _ in range(20):  # fresh connections: the kernel spreads them over both
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                r = pb_grpc.ClassifierStub(ch).Classify(
+                    uint8_request(np.zeros((1, 784), np.uint8)), timeout=10)
+                seen.add(r.version)
+        return seen
+
     try:
         wait_for(lambda: len(re.findall(r"event=listening .*pid=(\d+)", log.read_text())) == 2,
                  60)
         pids = set(re.findall(r"event=listening .*pid=(\d+)", log.read_text()))
         assert len(pids) == 2, "two worker processes, each listening on the same port"
-        for _ in range(20):  # fresh connections: the kernel spreads them over both
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                r = pb_grpc.ClassifierStub(ch).Classify(
-                    uint8_request(np.zeros((1, 784), np.uint8)), timeout=10)
-                assert r.version == 1
+        assert versions_seen() == {1}
+        # SIGHUP to the supervisor reaches every worker: each rescans and serves version 2.
+        write_version(repo, "mnist", 2, make_model(seed=2))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.read_text().count("SIGHUP: rescanning") == 2, 30)
+        wait_for(lambda: versions_seen() == {2}, 30)
+        assert "event=worker_died" not in log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert log.read_text().count("event=stopped") == 2
