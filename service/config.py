@@ -32,6 +32,11 @@ class Settings:
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     workers: int = _opt(1, "server processes sharing the port with SO_REUSEPORT")
     grace_period_s: float = _opt(10.0, "on SIGTERM, how long in-flight requests may finish")
+    drain_delay_s: float = _opt(
+        0.0, "on SIGTERM, first keep serving this long with health NOT_SERVING, so balancers "
+        "that check health stop sending before new requests are refused (0: at once; a "
+        "second signal ends the wait)"
+    )
     frontend: str = _opt(
         "core", "'core': Classify and v2 ModelInfer answered on gRPC core's completion queue by "
         "one thread, the rest on asyncio (fastest); 'aio': everything through grpc.aio"
@@ -165,7 +170,7 @@ def validate(s: Settings) -> None:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")
             problems.append(f"{flag} must be at least 1, got {getattr(s, name)}")
-    for name in ("grace_period_s", "max_batch_wait_s", "rescan_interval_s",
+    for name in ("grace_period_s", "drain_delay_s", "max_batch_wait_s", "rescan_interval_s",
                  "inline_forward_max_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")

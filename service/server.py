@@ -14,6 +14,7 @@ event loop; `--frontend aio` serves everything through grpc.aio instead, at ~0.6
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -242,6 +243,14 @@ async def _serve_async(settings: Settings) -> None:
     _tune_gc()
     running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
     await stop.wait()
+    if settings.drain_delay_s > 0:
+        # Unready first: health checkers (Envoy, a readiness probe) move traffic away while
+        # requests are still answered; then drain. A second signal cuts the wait short.
+        log.info("event=signal action=unready delay_s=%s", settings.drain_delay_s)
+        await running.health.enter_graceful_shutdown()
+        stop.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.drain_delay_s)
     log.info("event=signal action=drain grace_s=%s", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
 

@@ -304,6 +304,38 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
         stop_process(proc, signal.SIGKILL)
 
 
+def test_drain_delay_goes_unready_keeps_serving_then_drains(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    write_version(repo, "mnist", 1, make_model(seed=1))
+    log = tmp_path / "server.log"
+    # A long delay, ended by a second SIGTERM: the test never waits for it to run out.
+    proc, port = start_subprocess(repo, log, "--drain-delay-s", "60")
+    target = f"127.0.0.1:{port}"
+    request = uint8_request(np.zeros((1, 784), np.uint8))
+
+    def health() -> int:
+        with grpc.insecure_channel(target) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=5)
+            return int(reply.status)
+
+    try:
+        assert health() == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "event=signal action=unready" in log.read_text(), 10)
+        assert health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(target) as ch:  # a new connection is still served
+            assert pb_grpc.ClassifierStub(ch).Classify(request, timeout=10).version == 1
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        text = log.read_text()
+        assert text.index("action=unready") < text.index("action=drain") < text.index(
+            "event=stopped")
+    finally:
+        stop_process(proc, signal.SIGKILL)
+
+
 def test_empty_model_dir_starts_not_serving_then_serves(tmp_path: Path) -> None:
     repo = tmp_path / "does-not-exist-yet"
     proc, port = start_subprocess(repo, tmp_path / "server.log", "--rescan-interval-s", "0.1")
