@@ -14,8 +14,8 @@ measured with the same load generator. So:
   arrive together are answered together, and a lone request is computed at once.
 * **Everything else** (health, reflection, streaming, admin, the v2 API) runs unchanged as
   grpc.aio-style handlers on the asyncio loop: the polling thread hands each new call to the
-  loop, and each completion back, with `call_soon_threadsafe`. `Context` implements the part of
-  `grpc.aio.ServicerContext` those handlers use.
+  loop, and each completion back, with `call_soon_threadsafe`; service/transport_loop.py runs
+  them there, with a `Context` that implements the part of `grpc.aio.ServicerContext` they use.
 
 `CoreServer` is a `grpc.aio.Server`, so `add_*_to_server`, health and reflection register on it
 as on any server. It uses `grpc._cython.cygrpc`, the layer grpcio's own two servers are built
@@ -29,19 +29,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import grpc
 from grpc._cython import cygrpc
 
+from service.transport_loop import NO_FLAGS, Context, Rpc, serve, status_int
+
 log = logging.getLogger(__name__)
 
-_NO_FLAGS = 0
 # Completions requested ahead for each fast method: calls that arrive in one burst are
 # matched without a round trip through the polling loop each.
 _FAST_REQUESTS_AHEAD = 8
@@ -94,10 +94,6 @@ class _HandlerCallDetails(NamedTuple):
     invocation_metadata: tuple[tuple[str, str | bytes], ...]
 
 
-def _status_int(code: grpc.StatusCode) -> int:
-    return int(code.value[0])
-
-
 def _deadline(details: Any) -> float | None:
     """The call's deadline as time.time(), or None when the client set none."""
     deadline = float(details.deadline)
@@ -119,21 +115,21 @@ class FastCall:
         return None if self.deadline is None else max(0.0, self.deadline - time.time())
 
     def reply(self, message: bytes) -> None:
-        self._finish(_status_int(grpc.StatusCode.OK), b"", message)
+        self._finish(status_int(grpc.StatusCode.OK), b"", message)
 
     def fail(self, code: grpc.StatusCode, details: str) -> None:
-        self._finish(_status_int(code), details.encode("utf-8", "replace"), None)
+        self._finish(status_int(code), details.encode("utf-8", "replace"), None)
 
     def _finish(self, code: int, details: bytes, message: bytes | None) -> None:
         if self._answered:
             return
         self._answered = True
-        ops: list[Any] = [cygrpc.SendInitialMetadataOperation(None, _NO_FLAGS)]
+        ops: list[Any] = [cygrpc.SendInitialMetadataOperation(None, NO_FLAGS)]
         if message is not None:
-            ops.append(cygrpc.SendMessageOperation(message, _NO_FLAGS))
-        ops.append(cygrpc.SendStatusFromServerOperation(None, code, details, _NO_FLAGS))
+            ops.append(cygrpc.SendMessageOperation(message, NO_FLAGS))
+        ops.append(cygrpc.SendStatusFromServerOperation(None, code, details, NO_FLAGS))
         # Receiving the close in the same batch frees the call in one completion.
-        ops.append(cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS))
+        ops.append(cygrpc.ReceiveCloseOnServerOperation(NO_FLAGS))
         self._server._start_batch(self._call, ops, _FAST_DONE)
 
 
@@ -169,7 +165,7 @@ class _NewFastCall(_Tag):
         if not event.success:
             return
         call = FastCall(server, event.call, _deadline(event.call_details))
-        server._start_batch(event.call, (cygrpc.ReceiveMessageOperation(_NO_FLAGS),),
+        server._start_batch(event.call, (cygrpc.ReceiveMessageOperation(NO_FLAGS),),
                             _FastReceived(self.handler, call))
 
 
@@ -235,170 +231,6 @@ class _Shutdown(_Tag):
 
     def complete(self, server: CoreServer, event: Any) -> None:
         server._shutdown_done = True
-
-
-class _Abort(Exception):
-    """Raised by Context.abort; the status it set goes out when the handler unwinds."""
-
-
-class Context:
-    """The part of grpc.aio.ServicerContext our servicers, health and reflection use."""
-
-    def __init__(self, rpc: _Rpc) -> None:
-        self._rpc = rpc
-        self._code: grpc.StatusCode = grpc.StatusCode.OK
-        self._details = ""
-        self._trailing: tuple[tuple[str, str | bytes], ...] | None = None
-        self._callbacks: list[Callable[[Context], None]] = []
-
-    async def abort(self, code: grpc.StatusCode, details: str = "",
-                    trailing_metadata: Sequence[tuple[str, str | bytes]] = ()) -> None:
-        if code == grpc.StatusCode.OK:
-            code = grpc.StatusCode.UNKNOWN  # as grpc.aio: abort means failure
-        self._code, self._details = code, details
-        if trailing_metadata:
-            self._trailing = tuple(trailing_metadata)
-        raise _Abort(details)
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None:
-        self._trailing = tuple(trailing_metadata)
-
-    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...] | None:
-        return self._trailing
-
-    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return self._rpc.metadata
-
-    def time_remaining(self) -> float | None:
-        deadline = self._rpc.deadline
-        return None if deadline is None else max(0.0, deadline - time.time())
-
-    def peer(self) -> str:
-        peer = self._rpc.call.peer()
-        return peer.decode() if isinstance(peer, bytes) else str(peer)
-
-    def cancelled(self) -> bool:
-        return self._rpc.client_cancelled
-
-    def done(self) -> bool:
-        return self._rpc.finished
-
-    def add_done_callback(self, callback: Callable[[Context], None]) -> None:
-        self._callbacks.append(callback)
-
-    async def send_initial_metadata(self, initial_metadata: Sequence[tuple[str, Any]]) -> None:
-        await self._rpc.send_initial_metadata(tuple(initial_metadata))
-
-    async def write(self, message: Any) -> None:
-        await self._rpc.send(message)
-
-    async def read(self) -> Any:
-        return await self._rpc.read()
-
-    def _run_callbacks(self) -> None:
-        for callback in self._callbacks:
-            try:
-                callback(self)
-            except Exception:
-                log.exception("done callback failed")
-
-
-class _Rpc:
-    """One call served on the asyncio loop: its batches, its sends and its final status."""
-
-    def __init__(self, server: CoreServer, event: Any, handler: grpc.RpcMethodHandler) -> None:
-        self.server = server
-        self.call = event.call
-        self.metadata = tuple(event.invocation_metadata or ())
-        self.deadline = _deadline(event.call_details)
-        self.handler = handler
-        self.initial_sent = False
-        self.finished = False
-        self.client_cancelled = False
-        self.reads_done = False
-
-    async def batch(self, ops: Sequence[Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self.server._start_batch(self.call, ops, _LoopTag(loop, future))
-        return await future
-
-    def _initial(self, metadata: tuple[tuple[str, Any], ...] | None = None) -> list[Any]:
-        if self.initial_sent:
-            return []
-        self.initial_sent = True
-        return [cygrpc.SendInitialMetadataOperation(metadata, _NO_FLAGS)]
-
-    async def send_initial_metadata(self, metadata: tuple[tuple[str, Any], ...]) -> None:
-        if self.initial_sent:
-            raise RuntimeError("initial metadata was already sent")
-        await self.batch(self._initial(metadata))
-
-    async def read(self) -> Any:
-        """The next request message (deserialized), or grpc.aio.EOF at the end of the stream."""
-        if self.reads_done:
-            return grpc.aio.EOF
-        event = await self.batch((cygrpc.ReceiveMessageOperation(_NO_FLAGS),))
-        raw = event.batch_operations[0].message() if event.success else None
-        if raw is None:
-            self.reads_done = True
-            return grpc.aio.EOF
-        return _deserialize(self.handler.request_deserializer, raw)
-
-    async def requests(self) -> AsyncIterator[Any]:
-        while (message := await self.read()) is not grpc.aio.EOF:
-            yield message
-
-    async def send(self, message: Any) -> None:
-        if self.finished:
-            raise RuntimeError("the RPC has already finished")
-        raw = _serialize(self.handler.response_serializer, message)
-        event = await self.batch([*self._initial(), cygrpc.SendMessageOperation(raw, _NO_FLAGS)])
-        if not event.success:
-            raise asyncio.CancelledError("the client went away")
-
-    async def finish(self, code: grpc.StatusCode, details: str, message: Any = None,
-                     trailing: tuple[tuple[str, Any], ...] | None = None) -> None:
-        if self.finished:
-            return
-        # Serialize first: if that fails, the caller's error path still sends a status.
-        raw = None if message is None else _serialize(self.handler.response_serializer, message)
-        self.finished = True
-        ops = self._initial()
-        if raw is not None:
-            ops.append(cygrpc.SendMessageOperation(raw, _NO_FLAGS))
-        ops.append(cygrpc.SendStatusFromServerOperation(
-            trailing, _status_int(code), details.encode("utf-8", "replace"), _NO_FLAGS))
-        await self.batch(ops)
-
-
-def _deserialize(deserializer: Callable[[bytes], Any] | None, raw: bytes) -> Any:
-    if deserializer is None:
-        return raw
-    try:
-        return deserializer(raw)
-    except Exception as e:
-        raise _BadRequest(f"request could not be parsed: {e}") from None
-
-
-def _serialize(serializer: Callable[[Any], bytes] | None, message: Any) -> bytes:
-    return message if serializer is None else serializer(message)
-
-
-class _BadRequest(Exception):
-    pass
 
 
 class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
@@ -624,81 +456,28 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
                     break
         if handler is None:
             self._start_batch(event.call, (
-                cygrpc.SendInitialMetadataOperation(None, _NO_FLAGS),
+                cygrpc.SendInitialMetadataOperation(None, NO_FLAGS),
                 cygrpc.SendStatusFromServerOperation(
-                    None, _status_int(grpc.StatusCode.UNIMPLEMENTED),
-                    f"method {method} is not implemented".encode(), _NO_FLAGS),
-                cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),
+                    None, status_int(grpc.StatusCode.UNIMPLEMENTED),
+                    f"method {method} is not implemented".encode(), NO_FLAGS),
+                cygrpc.ReceiveCloseOnServerOperation(NO_FLAGS),
             ), _FAST_DONE)
             return
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._start_rpc, event, handler)
 
     def _start_rpc(self, event: Any, handler: grpc.RpcMethodHandler) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve_rpc(_Rpc(self, event, handler)))
+        rpc = Rpc(self._start_loop_batch, event.call, handler, _deadline(event.call_details),
+                  tuple(event.invocation_metadata or ()))
+        task = asyncio.get_running_loop().create_task(serve(rpc))
         self._rpcs.add(task)
         task.add_done_callback(self._rpcs.discard)
 
-    async def _serve_rpc(self, rpc: _Rpc) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        closed = asyncio.ensure_future(
-            rpc.batch((cygrpc.ReceiveCloseOnServerOperation(_NO_FLAGS),)))
+    def _start_loop_batch(self, call: Any, ops: Sequence[Any],
+                          future: asyncio.Future[Any]) -> None:
+        """Start `ops` on `call`; the event completes `future` on its loop."""
+        self._start_batch(call, ops, _LoopTag(future.get_loop(), future))
 
-        def on_close(done: asyncio.Future[Any]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                return
-            if done.result().batch_operations[0].cancelled():
-                rpc.client_cancelled = True
-                if not rpc.finished:
-                    task.cancel()
-
-        closed.add_done_callback(on_close)
-        context = Context(rpc)
-        try:
-            reply = await self._run_handler(rpc, context)
-            await rpc.finish(context.code(), context.details(), reply, context.trailing_metadata())
-        except _Abort:
-            await rpc.finish(context.code(), context.details(), None, context.trailing_metadata())
-        except _BadRequest as e:
-            await rpc.finish(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except asyncio.CancelledError:
-            if not rpc.client_cancelled:
-                with contextlib.suppress(Exception):
-                    await rpc.finish(grpc.StatusCode.CANCELLED, "the server cancelled the call")
-        except Exception as e:
-            log.exception("handler failed")
-            await rpc.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(e).__name__}: {e}")
-        finally:
-            context._run_callbacks()
-
-    async def _run_handler(self, rpc: _Rpc, context: Context) -> Any:
-        """The handler's single reply (None for a response stream, already sent)."""
-        handler = rpc.handler
-        if handler.request_streaming:
-            request: Any = rpc.requests()
-        else:
-            request = await rpc.read()
-            if request is grpc.aio.EOF:
-                raise _BadRequestEmpty
-        if not handler.response_streaming:
-            behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
-        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
-        result = behavior(request, context)
-        if inspect.isasyncgen(result):
-            async for message in result:
-                await rpc.send(message)
-        elif inspect.isawaitable(result):
-            await result
-        elif result is not None:  # a plain iterator
-            for message in result:
-                await rpc.send(message)
-        return None
-
-
-_BadRequestEmpty = _BadRequest("expected exactly one request message, got none")
 _GENERIC = _NewCall("")
 
 
