@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from grpc_reflection.v1alpha import reflection
 
 from service.codec import VERSION_STATES
 from service.config import Settings
@@ -240,6 +241,8 @@ def add_to_server(
         return AdminEndpoint(None, None)
     own = grpc.aio.server()
     own.add_generic_rpc_handlers((handler,))
+    # grpcurl on the operator port lists and describes Admin, as on the main port.
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), own)
     address = f"{settings.host}:{settings.admin_port}"
     port = (
         own.add_secure_port(address, credentials)

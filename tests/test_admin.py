@@ -11,6 +11,9 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServerThread, float_request, make_model, write_version
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from service.pb.mnist.v1 import admin_pb2 as apb
 from service.pb.mnist.v1 import admin_pb2_grpc as apb_grpc
@@ -199,6 +202,10 @@ def test_admin_on_its_own_port(repo: Path, start: Callable[..., ServerThread]) -
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, "not on the public port"
     with grpc.insecure_channel(f"127.0.0.1:{endpoint.port}") as own:
         reply = apb_grpc.AdminStub(own).ListModels(apb.AdminListModelsRequest(), metadata=AUTH)
+        # Reflection there too, so grpcurl works against the operator port.
+        db = ProtoReflectionDescriptorDatabase(own)
+        assert "mnist.v1.Admin" in set(db.get_services())
+        assert db.FindFileContainingSymbol("mnist.v1.Admin").name == "mnist/v1/admin.proto"
     assert reply.models[0].current_version == 3
 
 
