@@ -230,6 +230,27 @@ def test_tls_and_client_certificates(model_repo: Path, tmp_path: Path, start: An
         pb_grpc.ClassifierStub(ch).Classify(request, timeout=5)
 
 
+def test_healthcheck_speaks_tls_when_the_server_does(
+    model_repo: Path, tmp_path: Path, start: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service import healthcheck
+
+    skey, scert = _self_signed(tmp_path, "server")
+    ckey, ccert = _self_signed(tmp_path, "client")
+    server: ServerThread = start(model_repo, tls_cert=scert, tls_key=skey, tls_client_ca=ccert)
+    # The container's environment: the server's own TLS settings switch the check to TLS.
+    env = {"MNIST_TLS_CERT": str(scert), "MNIST_TLS_KEY": str(skey),
+           "MNIST_TLS_CLIENT_CA": str(ccert)}
+    client = ["--tls-cert", str(ccert), "--tls-key", str(ckey)]
+    assert healthcheck.main(["--target", server.target, *client], env) == 0
+    assert "SERVING" in capsys.readouterr().out
+    # Without the client certificate the server refuses the handshake; without TLS, too.
+    assert healthcheck.main(["--target", server.target, "--timeout-s", "3"], env) == 1
+    assert healthcheck.main(["--target", server.target, "--timeout-s", "3"], {}) == 1
+    assert healthcheck.main(["--target", server.target, "--tls-cert", str(ccert)], env) == 2
+    assert "go together" in capsys.readouterr().err
+
+
 def start_subprocess(
     model_dir: Path, log: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], int]:
