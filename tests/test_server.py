@@ -284,8 +284,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
         "--metrics-port", str(metrics_port),
     )
 
+    calls = 16
+
     def received() -> float:
-        """Requests the server holds or has answered: all 12 must be in before SIGTERM."""
+        """Requests the server holds or has answered: all must be in before SIGTERM."""
         inflight = samples(scrape(metrics_port))[("mnist_inflight_requests", ())]
         return inflight + len(finished)
 
@@ -302,12 +304,13 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.ClassifierStub(ch)
             stub.Classify(request, timeout=30)  # warm up, and the channel is connected
-            with ThreadPoolExecutor(12) as pool:
-                futures = [pool.submit(call, stub) for _ in range(12)]
+            with ThreadPoolExecutor(calls) as pool:
+                futures = [pool.submit(call, stub) for _ in range(calls)]
                 # Every request must be inside the server (not merely sent: a request that
                 # reaches a server already shutting down is refused, which is not a drain
-                # failure), and most must still be queued behind the slow forwards.
-                wait_for(lambda: len(finished) > 0 and received() >= 12, 30)
+                # failure); signal at once, while most are still queued behind the slow
+                # forwards (one 256-row forward of this model takes tens of milliseconds).
+                wait_for(lambda: received() >= calls, 30)
                 signalled = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
                 results = [f.result() for f in futures]
