@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import make_model, write_version
+from numerics import assert_probabilities
 from prometheus_client import CollectorRegistry
 
 from service.batcher import Batcher
@@ -57,8 +58,7 @@ def test_concurrent_requests_coalesce_and_get_their_own_rows(model_repo: Path) -
         for _ in range(3):
             results = await asyncio.gather(*(batcher.submit(x) for x in inputs))
             for x, r in zip(inputs, results, strict=True):
-                np.testing.assert_allclose(r.probabilities, model.predict(x), rtol=1e-5,
-                                           atol=1e-6)
+                assert_probabilities(r.probabilities, model, x)
                 assert (r.version.name, r.version.version) == ("mnist", 1)
         count, total = batches(metrics)
         assert total == 3 * sum(x.shape[0] for x in inputs)
@@ -92,8 +92,7 @@ def test_a_batch_never_mixes_versions(model_repo: Path) -> None:
             *(batcher.submit(x, version=v) for x, v in zip(inputs, wanted, strict=True)))
         for x, v, r in zip(inputs, wanted, results, strict=True):
             assert r.version.version == v
-            np.testing.assert_allclose(r.probabilities, (v1 if v == 1 else v2).predict(x),
-                                       rtol=1e-5, atol=1e-6)
+            assert_probabilities(r.probabilities, v1 if v == 1 else v2, x)
         count, _ = batches(metrics)
         assert 2 <= count < 40, "both versions in few forwards, one per version per batch"
 

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServerThread, make_model, write_version
+from numerics import assert_probabilities
 
 from service.model import Model, pixels_to_input
 from service.pb.inference import grpc_service_pb2 as pb
@@ -180,7 +181,7 @@ def test_infer_raw_fp32_matches_predict_and_answers_raw(
     assert (reply.model_name, reply.model_version, reply.id) == ("mnist", "2", "req-7")
     out = raw_outputs(reply)
     expected = models[2].predict(x.copy())
-    np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-6, atol=1e-7)
+    assert_probabilities(out["probabilities"], models[2], x)
     np.testing.assert_array_equal(out["predicted_class"], expected.argmax(axis=1))
 
 
@@ -195,7 +196,7 @@ def test_infer_typed_fp32_answers_typed(
     )
     out = typed_outputs(stub.ModelInfer(request))
     expected = models[2].predict(x.copy())
-    np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-6, atol=1e-7)
+    assert_probabilities(out["probabilities"], models[2], x)
     np.testing.assert_array_equal(out["predicted_class"], expected.argmax(axis=1))
 
 
@@ -212,7 +213,7 @@ def test_infer_uint8_raw_and_typed_28x28(
     )
     typed = typed_outputs(stub.ModelInfer(typed_req))
     for out in (raw, typed):
-        np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-6, atol=1e-7)
+        assert_probabilities(out["probabilities"], models[2], pixels_to_input(pixels))
         np.testing.assert_array_equal(out["predicted_class"], expected.argmax(axis=1))
 
 
@@ -223,10 +224,7 @@ def test_infer_honours_model_version(
     for version in (1, 2):
         reply = stub.ModelInfer(raw_request(x, model_version=str(version)))
         assert reply.model_version == str(version)
-        np.testing.assert_allclose(
-            raw_outputs(reply)["probabilities"], models[version].predict(x.copy()), rtol=1e-6,
-            atol=1e-7,
-        )
+        assert_probabilities(raw_outputs(reply)["probabilities"], models[version], x)
     # The two versions really answer differently, so the check above can tell them apart.
     assert not np.allclose(models[1].predict(x.copy()), models[2].predict(x.copy()))
 
@@ -240,10 +238,7 @@ def test_infer_with_version_label(
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         reply = stub.ModelInfer(raw_request(x, model_version="stable"))
         assert reply.model_version == "1"
-        np.testing.assert_allclose(
-            raw_outputs(reply)["probabilities"], models[1].predict(x.copy()), rtol=1e-6,
-            atol=1e-7,
-        )
+        assert_probabilities(raw_outputs(reply)["probabilities"], models[1], x)
         assert stub.ModelReady(pb.ModelReadyRequest(name="mnist", version="stable")).ready
         expect_error(
             lambda: stub.ModelInfer(raw_request(x, model_version="beta")),
@@ -538,8 +533,7 @@ def test_raw_input_with_an_empty_contents_message_is_accepted(
     request.inputs[0].contents.SetInParent()
     assert request.inputs[0].HasField("contents")
     out = raw_outputs(stub.ModelInfer(request))
-    np.testing.assert_allclose(out["probabilities"], models[2].predict(x.copy()), rtol=1e-6,
-                               atol=1e-7)
+    assert_probabilities(out["probabilities"], models[2], x)
 
 
 def test_parameters_are_accepted_and_triton_only_rpcs_are_unimplemented(

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from metrics_util import samples, scrape
+from numerics import assert_probabilities
 from procs import free_port, stop_process
 
 from service.model import pixels_to_input
@@ -58,8 +59,7 @@ def test_64_concurrent_clients_each_get_their_own_answer(server: ServerThread) -
     responses = asyncio.run(clients())
     for i, (x, r) in enumerate(zip(inputs, responses, strict=True)):
         assert r.request_id == str(i)
-        np.testing.assert_allclose(probabilities(r), model.predict(pixels_to_input(x)),
-                                   rtol=1e-5, atol=1e-6)
+        assert_probabilities(probabilities(r), model, pixels_to_input(x))
     forwards = server.sample("mnist_batch_rows_count", {"model": "mnist"})
     assert forwards < 3 * 64, f"{forwards} forwards for 192 concurrent requests: no batching"
     assert server.sample("mnist_requests_total", {"method": "Classify", "model": "mnist",

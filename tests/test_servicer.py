@@ -17,6 +17,7 @@ from conftest import (
     uint8_request,
     write_version,
 )
+from numerics import assert_probabilities
 
 from service.model import load_model, pixels_to_input
 from service.pb.mnist.v1 import classifier_pb2 as pb
@@ -55,9 +56,10 @@ def test_uint8_answers_equal_direct_forward(
 ) -> None:
     pixels = images(5)
     response = stub.Classify(uint8_request(pixels, request_id="r1"), timeout=10)
-    expected = load_model(model_repo / "mnist" / "1").predict(pixels_to_input(pixels))
+    model = load_model(model_repo / "mnist" / "1")
+    expected = model.predict(pixels_to_input(pixels))
     assert (response.model, response.version, response.request_id) == ("mnist", 1, "r1")
-    np.testing.assert_allclose(probabilities(response), expected, rtol=1e-5, atol=1e-6)
+    assert_probabilities(probabilities(response), model, pixels_to_input(pixels))
     assert [p.label for p in response.predictions] == expected.argmax(axis=1).tolist()
 
 
@@ -77,8 +79,7 @@ def test_float32_answers_equal_direct_forward(
 ) -> None:
     x = np.random.default_rng(3).random((7, 784), dtype=np.float32)
     response = stub.Classify(float_request(x, image_count=7), timeout=10)
-    expected = load_model(model_repo / "mnist" / "1").predict(x)
-    np.testing.assert_allclose(probabilities(response), expected, rtol=1e-5, atol=1e-6)
+    assert_probabilities(probabilities(response), load_model(model_repo / "mnist" / "1"), x)
 
 
 def test_named_version_answers_from_that_version(
@@ -90,8 +91,7 @@ def test_named_version_answers_from_that_version(
         stub = pb_grpc.ClassifierStub(ch)
         response = stub.Classify(uint8_request(images(2), model="other", version=3), timeout=10)
     assert (response.model, response.version) == ("other", 3)
-    expected = make_model(seed=9).predict(pixels_to_input(images(2)))
-    np.testing.assert_allclose(probabilities(response), expected, rtol=1e-5, atol=1e-6)
+    assert_probabilities(probabilities(response), make_model(seed=9), pixels_to_input(images(2)))
 
 
 BAD_INPUT = [
@@ -166,8 +166,7 @@ def test_stream_answers_in_order_and_reports_bad_messages_in_place(
     answers = [o for i, o in enumerate(out) if i != 5]
     for i, (o, g) in enumerate(zip(answers, good, strict=True)):
         assert o.response.request_id == f"g{i}"
-        np.testing.assert_allclose(probabilities(o.response), model.predict(pixels_to_input(g)),
-                                   rtol=1e-5, atol=1e-6)
+        assert_probabilities(probabilities(o.response), model, pixels_to_input(g))
 
 
 def test_model_info_and_list(stub: pb_grpc.ClassifierStub) -> None:
