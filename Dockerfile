@@ -10,17 +10,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-# Exact versions CI tested (deploy/constraints.txt); every dependency ships manylinux wheels,
-# so --only-binary keeps compilers out of even this stage.
-COPY deploy/constraints.txt /src/deploy/constraints.txt
-RUN /opt/venv/bin/pip install --only-binary=:all: -c deploy/constraints.txt \
-        "numpy" "grpcio" "grpcio-health-checking" "grpcio-reflection" "protobuf" "prometheus-client"
+# The locked set CI tested (requirements/*.lock, written by scripts/lock.py): --no-deps installs
+# exactly those versions; every one ships manylinux wheels, so --only-binary keeps compilers out
+# of even this stage.
+COPY requirements/build.lock requirements/runtime.lock /src/requirements/
+RUN /opt/venv/bin/pip install --only-binary=:all: -r requirements/build.lock \
+    && /opt/venv/bin/pip install --only-binary=:all: --no-deps -r requirements/runtime.lock
 COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY trainer /src/trainer
 # Installed as a wheel (not editable) and byte-compiled here, so containers start without
-# compiling and run on a read-only root file system.
-RUN /opt/venv/bin/pip install --no-deps -c deploy/constraints.txt /src
+# compiling and run on a read-only root file system; the locked setuptools builds it.
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /src
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

@@ -100,18 +100,20 @@ install_nginx() {
 
 # tritonclient: the unmodified Triton gRPC client drives the v2 endpoint (tests/test_oip_triton.py).
 # It pins protobuf < 7 and the project uses 7, so it gets a venv of its own.
-TRITON_CLIENT="tritonclient[grpc]==2.73.0"
+# Its whole dependency set is locked (requirements/triton-client.lock, by scripts/lock.py).
+TRITON_LOCK=requirements/triton-client.lock
 install_triton_client() {
   local venv="$TOOLS_DIR/triton-venv"
-  if [ -x "$venv/bin/python" ] && [ -f "$venv/.installed-2.73.0" ]; then
+  if [ -x "$venv/bin/python" ] && [ "$venv/.installed" -nt "$TRITON_LOCK" ]; then
     return 0
   fi
-  echo "install-test-tools: $TRITON_CLIENT (PyPI, own venv in .tools/triton-venv)"
+  echo "install-test-tools: tritonclient (PyPI, $TRITON_LOCK, own venv in .tools/triton-venv)"
   rm -rf "$venv"
   "${PYTHON:-python3}" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$TRITON_CLIENT" </dev/null
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    -r "$TRITON_LOCK" </dev/null
   "$venv/bin/python" -c "import tritonclient.grpc"
-  touch "$venv/.installed-2.73.0"
+  touch "$venv/.installed"
 }
 
 TOOLS=(prometheus docker_compose hadolint nginx triton_client)
