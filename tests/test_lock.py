@@ -53,6 +53,7 @@ def test_every_lock_pins_exact_versions_only() -> None:
                 assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+!\-]+", line), (lock, line)
 
 
+@pytest.mark.locked_env
 def test_this_venv_is_exactly_the_dev_lock() -> None:
     """What the suite runs on is the locked set: nothing newer, nothing unlocked."""
     locked = read_lock(LOCKS / "dev.lock")
@@ -64,11 +65,13 @@ def test_this_venv_is_exactly_the_dev_lock() -> None:
     )
 
 
+@pytest.mark.locked_env
 def test_build_tools_are_the_build_lock() -> None:
     for name, version in read_lock(LOCKS / "build.lock").items():
         assert distribution(name).version == version, name
 
 
+@pytest.mark.locked_env
 def test_runtime_lock_is_the_runtime_closure_at_the_tested_versions() -> None:
     """The image installs runtime.lock with --no-deps: it must hold every runtime dependency,
     at the version the tests ran on, and nothing the server does not need."""
@@ -104,6 +107,7 @@ def test_dockerfile_installs_the_locks_without_resolving() -> None:
     assert {"!requirements/build.lock", "!requirements/runtime.lock"} <= set(kept)
 
 
+@pytest.mark.locked_env
 def test_triton_client_venv_is_its_lock() -> None:
     venv = ROOT / ".tools" / "triton-venv" / "bin" / "python"
     if not venv.exists():
