@@ -18,11 +18,13 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +35,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import admin, oip, transport
+from service import admin, oip, selftest
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
+from service.malformed import Registrar, enable_reflection
 from service.metrics import (
     Metrics,
     multiprocess_dir,
@@ -67,6 +70,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics_port: int | None = None
     admin: admin.AdminEndpoint | None = None
+    frontend: str = "aio"  # what serves: "core" or "aio" (after the self-test's verdict)
     _stopping: bool = False
     _closers: list[Any] = field(default_factory=list)
 
@@ -86,6 +90,24 @@ class RunningServer:
             close()
         log.info("event=stopped")
 
+    async def died(self) -> str:
+        """Return (why) when a gRPC server of ours ends without `stop()` having asked it to;
+        never returns otherwise. `serve` exits the process on it (see `_die`)."""
+        servers = [("grpc", self.grpc_server)]
+        if self.admin is not None and self.admin.server is not None:
+            servers.append(("admin", self.admin.server))
+        waits = {asyncio.ensure_future(s.wait_for_termination()): name for name, s in servers}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        if self._stopping:
+            await asyncio.Future()  # asked for: not a death; wait to be cancelled
+        names = sorted(waits[task] for task in done)
+        what = "polling thread ended" if self.frontend == "core" else "server stopped"
+        return f"{'+'.join(names)}_server_terminated frontend={self.frontend} ({what})"
+
 
 def _server_options(settings: Settings) -> list[tuple[str, Any]]:
     return [
@@ -94,6 +116,21 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         # Port sharing only when asked: otherwise a second server on the port is an error.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
+
+
+async def _choose_frontend(settings: Settings, registry: ModelRegistry) -> str:
+    """'core' only when asked for and proven on this grpcio by service/selftest.py."""
+    if settings.frontend != "core":
+        return settings.frontend
+    problem = await selftest.core_frontend_problem(
+        settings, registry, options=_server_options(settings)
+    )
+    if problem is not None:
+        log.warning("event=frontend_fallback frontend=aio grpcio=%s reason=%r",
+                    grpc.__version__, problem)
+        return "aio"
+    log.info("event=frontend_selftest result=ok frontend=core grpcio=%s", grpc.__version__)
+    return "core"
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -152,11 +189,12 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         enabled=settings.batching,
         inline_max_rows=settings.inline_forward_max_rows,
     )
+    await update_health()  # NOT_SERVING until a model is loaded
+    await registry.start()
+    await update_health()
+    frontend = await _choose_frontend(settings, registry)
+    metrics.set_frontend(frontend)
     server: grpc.aio.Server
-    frontend = settings.frontend
-    if frontend == "core" and (reason := transport.unavailable_reason()) is not None:
-        log.warning("event=frontend_fallback frontend=aio reason=%r", reason)
-        frontend = "aio"
     if frontend == "core":
         core = CoreServer(_server_options(settings))
         core.add_idle_hook(batcher.run_queued)
@@ -169,7 +207,9 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         ),
         server,
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Health and reflection parse requests with grpcio's deserializers; through the
+    # Registrar a malformed one is INVALID_ARGUMENT on either front end (service/malformed.py).
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, Registrar(server))
     services = [classifier.SERVICE_NAME, health.SERVICE_NAME]
     # --- other servicers register here (each helper adds its own line):
     admin_endpoint = admin.add_to_server(
@@ -183,11 +223,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     services.append(oip.SERVICE_NAME)
     # --- end of servicer registrations
     services.append(reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(services, server)
-
-    await update_health()  # NOT_SERVING until a model is loaded
-    await registry.start()
-    await update_health()
+    enable_reflection(services, server)
     await batcher.start()
 
     address = f"{settings.host}:{settings.port}"
@@ -203,7 +239,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
              "pid=%d", settings.host, port, creds is not None, frontend, settings.batching,
              [s.name for s in registry.status()], os.getpid())
     running = RunningServer(server, port, registry, batcher, metrics, health_servicer,
-                            metrics_port, admin_endpoint, _closers=closers)
+                            metrics_port, admin_endpoint, frontend, _closers=closers)
 
     original_stop = running.stop
 
@@ -242,7 +278,16 @@ async def _serve_async(settings: Settings) -> None:
     running = await start_server(settings)
     _tune_gc()
     running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
-    await stop.wait()
+    if settings.fault_injection == "frontend-death":
+        loop.add_signal_handler(signal.SIGUSR2, _kill_frontend, running)
+    # A server that can no longer serve ends the process (non-zero, so it is restarted)
+    # instead of answering UNAVAILABLE for ever while its health and metrics ports live on.
+    death = asyncio.ensure_future(running.died())
+    asked = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({death, asked}, return_when=asyncio.FIRST_COMPLETED)
+    if death.done():
+        _die(death.result())
+    death.cancel()
     if settings.drain_delay_s > 0:
         # Unready first: health checkers (Envoy, a readiness probe) move traffic away while
         # requests are still answered; then drain. A second signal cuts the wait short.
@@ -253,6 +298,49 @@ async def _serve_async(settings: Settings) -> None:
             await asyncio.wait_for(stop.wait(), settings.drain_delay_s)
     log.info("event=signal action=drain grace_s=%s", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
+
+
+# Exit status of a process that can no longer serve (EX_SOFTWARE): not 0, so compose's and
+# Kubernetes' restart policies and the --workers supervisor restart it.
+FATAL_EXIT_CODE = 70
+
+
+def _die(reason: str) -> None:
+    """Log why and end the process now, whatever other threads are doing.
+
+    os._exit, not sys.exit: a non-daemon thread (an executor's, the exporter's) or a stuck
+    drain must not keep a process that cannot serve alive; nothing is left to drain anyway.
+    """
+    log.critical("event=fatal reason=%s action=exit exit_code=%d pid=%d", reason,
+                 FATAL_EXIT_CODE, os.getpid())
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(FATAL_EXIT_CODE)
+
+
+class InjectedFault(BaseException):
+    """--fault-injection frontend-death: raised in gRPC core's polling thread. A
+    BaseException, as an interpreter-level failure would be: no `except Exception` stops it."""
+
+
+def _kill_frontend(running: RunningServer) -> None:
+    """TESTS ONLY (--fault-injection frontend-death, on SIGUSR2): end the gRPC front end
+    behind the server's back, as a crash would -- not through RunningServer.stop."""
+    log.warning("event=fault_injected fault=frontend-death frontend=%s", running.frontend)
+    if running.frontend == "core":
+        import ctypes
+
+        for thread in threading.enumerate():
+            if thread.name == "grpc-core" and thread.ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(thread.ident), ctypes.py_object(InjectedFault)
+                )
+        return
+    asyncio.get_running_loop().create_task(running.grpc_server.stop(0))
 
 
 def _configure_logging(level: str) -> None:
@@ -267,7 +355,30 @@ def _run_worker(settings: Settings) -> None:
     # kill it (the default action); it loads what is on disk at startup anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _configure_logging(settings.log_level)
+    _die_with_supervisor()
     asyncio.run(_serve_async(settings))
+
+
+def _die_with_supervisor() -> None:
+    """A worker whose supervisor is gone (SIGKILL, OOM killer) ends too.
+
+    Left alone it would keep serving the port, unsupervised and unexported, and a restarted
+    supervisor's workers would share the port with it. A thread waits on the supervisor's
+    process sentinel (readable when it exits), logs why and exits. (Linux's PR_SET_PDEATHSIG
+    would add nothing: SIGTERM needs the same interpreter to act on it and races the log
+    line; SIGKILL would end the worker without saying why.)
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        multiprocessing.connection.wait([sentinel])
+        _die(f"supervisor_gone supervisor_pid={parent.pid}")
+
+    # A supervisor that died already leaves the sentinel readable: the thread ends us at once.
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def serve(settings: Settings) -> None:
@@ -317,9 +428,21 @@ def _supervise(settings: Settings) -> int:
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGHUP)
 
+    # Signal handlers only set flags and write here, waking the wait below at once.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+
+    def wake() -> None:
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"x")
+
+    def on_stop(signum: int, frame: Any) -> None:
+        on_signal(signum, frame)
+        wake()
+
     procs = [spawn(i) for i in range(settings.workers)]
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hangup)
     while True:
         for i, p in enumerate(procs):
@@ -328,11 +451,17 @@ def _supervise(settings: Settings) -> int:
                           i, p.pid, p.exitcode)
                 if p.pid is not None:
                     worker_exited(p.pid)  # no stale in-flight/queue/version gauges
-                time.sleep(1.0)
+                time.sleep(1.0)  # a worker that dies at once is not restarted in a tight loop
                 procs[i] = spawn(i)
         if stopping and not any(p.is_alive() for p in procs):
             break
-        time.sleep(0.2)
+        # Sleep until a worker exits or a signal arrives (each process's sentinel becomes
+        # readable when it ends).
+        ready = multiprocessing.connection.wait([p.sentinel for p in procs] + [wake_r])
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+    os.close(wake_r)
+    os.close(wake_w)
     codes = [p.exitcode for p in procs]
     for p in procs:
         if p.pid is not None:
