@@ -96,7 +96,9 @@ class RunningServer:
         servers = [("grpc", self.grpc_server)]
         if self.admin is not None and self.admin.server is not None:
             servers.append(("admin", self.admin.server))
-        waits = {asyncio.ensure_future(s.wait_for_termination()): name for name, s in servers}
+        # Shielded: cancelling grpc.aio's wait_for_termination cancels the future its own
+        # shutdown awaits later (stop() then raises CancelledError).
+        waits = {asyncio.shield(s.wait_for_termination()): name for name, s in servers}
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -180,3 +180,16 @@ def test_supervisor_still_restarts_a_dead_worker_and_stops_cleanly(
         print(f"supervisor stopped {time.monotonic() - stopped:.3f} s after SIGTERM")
     finally:
         stop_process(proc, signal.SIGKILL, 5)
+
+
+@pytest.mark.parametrize("frontend", ["core", "aio"])
+def test_sigterm_with_an_admin_port_still_exits_zero(
+    repo: Path, tmp_path: Path, frontend: str
+) -> None:
+    """Watching both servers for death must not disturb their own, asked-for stop."""
+    log = tmp_path / "server.log"
+    proc = _start(repo, log, "--frontend", frontend, "--admin-enabled", "--admin-port", "0",
+                  env={"MNIST_ADMIN_TOKEN": "t0ken"})
+    _wait_log(proc, log, r"event=admin_listening")
+    assert stop_process(proc, signal.SIGTERM, 20) == 0, log.read_text()
+    assert "event=fatal" not in log.read_text()
