@@ -87,13 +87,14 @@ async def _round_trips(
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await _check_lanes(channel, registry.ready)
+            served = [s.name for s in registry.status() if s.current_version]
+            await _check_lanes(channel, served[0] if served else None)
     finally:
         await server.stop(0)
         await batcher.close()
 
 
-async def _check_lanes(channel: grpc.aio.Channel, model_loaded: bool) -> None:
+async def _check_lanes(channel: grpc.aio.Channel, model: str | None) -> None:
     classify = channel.unary_unary(_CLASSIFY)  # bytes in, bytes out
     try:
         await classify(b"", timeout=SELFTEST_TIMEOUT_S)
@@ -105,8 +106,9 @@ async def _check_lanes(channel: grpc.aio.Channel, model_loaded: bool) -> None:
             ) from None
     else:
         raise SelfTestFailed("Classify of an empty request: expected INVALID_ARGUMENT, got OK")
-    if model_loaded:
-        request = pb.ClassifyRequest(pixels=bytes(784), encoding=pb.ENCODING_UINT8)
+    if model is not None:  # named: with several models there may be no default one
+        request = pb.ClassifyRequest(pixels=bytes(784), encoding=pb.ENCODING_UINT8,
+                                     model=model)
         raw = await classify(request.SerializeToString(), timeout=SELFTEST_TIMEOUT_S)
         reply = pb.ClassifyResponse.FromString(raw)
         if len(reply.predictions) != 1:

@@ -456,14 +456,15 @@ def _frontend_info(server: ServerThread) -> dict[str, float]:
     return {f: server.sample("mnist_frontend_info", {"frontend": f}) for f in ("core", "aio")}
 
 
-@pytest.mark.parametrize("with_model", [True, False])
+@pytest.mark.parametrize("models", [["mnist"], [], ["a", "b"]])
 def test_core_front_end_serves_once_its_self_test_passes(
-    tmp_path: Path, start: Any, caplog: pytest.LogCaptureFixture, with_model: bool
+    tmp_path: Path, start: Any, caplog: pytest.LogCaptureFixture, models: list[str]
 ) -> None:
+    """With one model, none, or two and no default one (a request naming none fails)."""
     repo = tmp_path / "models"
     repo.mkdir()
-    if with_model:
-        write_version(repo, "mnist", 1, make_model(seed=1))
+    for name in models:
+        write_version(repo, name, 1, make_model(seed=1))
     with caplog.at_level("INFO", logger="service.server"):
         server = start(repo)
     assert server.running.frontend == "core"
@@ -472,10 +473,10 @@ def test_core_front_end_serves_once_its_self_test_passes(
     # The self-test leaves no trace in the request metrics.
     assert server.sample("mnist_requests_total", {"method": "Classify", "model": "",
                                                   "version": "", "code": "INVALID_ARGUMENT"}) == 0
-    if with_model:
+    if models:
         with grpc.insecure_channel(server.target) as ch:
             reply = pb_grpc.ClassifierStub(ch).Classify(
-                uint8_request(np.zeros((2, 784), np.uint8)), timeout=10)
+                uint8_request(np.zeros((2, 784), np.uint8), model=models[0]), timeout=10)
         assert len(reply.predictions) == 2
 
 
