@@ -454,12 +454,16 @@ def _supervise(settings: Settings) -> int:
                 if p.pid is not None:
                     worker_exited(p.pid)  # no stale in-flight/queue/version gauges
                 time.sleep(1.0)  # a worker that dies at once is not restarted in a tight loop
-                procs[i] = spawn(i)
+                if not stopping:  # a SIGTERM during the pause: no worker it did not reach
+                    procs[i] = spawn(i)
         if stopping and not any(p.is_alive() for p in procs):
             break
         # Sleep until a worker exits or a signal arrives (each process's sentinel becomes
         # readable when it ends).
-        ready = multiprocessing.connection.wait([p.sentinel for p in procs] + [wake_r])
+        live = [p.sentinel for p in procs if p.is_alive()]  # an ended one's stays readable
+        if not live or (len(live) < len(procs) and not stopping):
+            continue  # one ended since the check above: handle it first
+        ready = multiprocessing.connection.wait([*live, wake_r])
         if wake_r in ready:
             os.read(wake_r, 4096)
     os.close(wake_r)
