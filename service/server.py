@@ -1,14 +1,16 @@
 """Wiring in one place: Settings -> Metrics -> ModelRegistry -> Batcher -> servicers + health.
 
 `start_server` is what tests and other modules use (returns once listening); `serve` is the
-process entry point (runs until SIGTERM/SIGINT, drains, exits 0). With `--workers N > 1`,
-`serve` becomes a small supervisor of N single-worker processes that share the port through
-SO_REUSEPORT; the kernel spreads connections between them.
+process entry point (runs until SIGTERM/SIGINT, drains, exits 0; exits 70 with `event=fatal`
+if the gRPC server ends without having been asked to, see service/fatal.py). With
+`--workers N > 1`, `serve` becomes a small supervisor (service/supervisor.py) of N
+single-worker processes that share the port through SO_REUSEPORT.
 
 Server model (docs/serving.md, "The core front end"): by default a `transport.CoreServer`,
 which answers Classify on one thread polling gRPC core's completion queue (batched when the
 queue of completions runs dry) and runs every other RPC as a grpc.aio-style handler on the
-event loop; `--frontend aio` serves everything through grpc.aio instead, at ~0.6 of the rate.
+event loop, once service/selftest.py has proven it on the installed grpcio; `--frontend aio`
+(or a failed self-test) serves everything through grpc.aio instead, at ~0.6 of the rate.
 """
 
 from __future__ import annotations
@@ -17,17 +19,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,15 +35,11 @@ from service import admin, oip, selftest
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
+from service.fatal import die
 from service.malformed import Registrar, enable_reflection
-from service.metrics import (
-    Metrics,
-    multiprocess_dir,
-    prepare_multiprocess,
-    start_exporter,
-    worker_exited,
-)
+from service.metrics import Metrics, start_exporter
 from service.registry import ModelRegistry
+from service.supervisor import die_with_supervisor, supervise
 from service.transport import CoreServer
 
 log = logging.getLogger("service.server")
@@ -288,7 +280,7 @@ async def _serve_async(settings: Settings) -> None:
     asked = asyncio.ensure_future(stop.wait())
     await asyncio.wait({death, asked}, return_when=asyncio.FIRST_COMPLETED)
     if death.done():
-        _die(death.result())
+        die(death.result())
     death.cancel()
     if settings.drain_delay_s > 0:
         # Unready first: health checkers (Envoy, a readiness probe) move traffic away while
@@ -300,28 +292,6 @@ async def _serve_async(settings: Settings) -> None:
             await asyncio.wait_for(stop.wait(), settings.drain_delay_s)
     log.info("event=signal action=drain grace_s=%s", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
-
-
-# Exit status of a process that can no longer serve (EX_SOFTWARE): not 0, so compose's and
-# Kubernetes' restart policies and the --workers supervisor restart it.
-FATAL_EXIT_CODE = 70
-
-
-def _die(reason: str) -> None:
-    """Log why and end the process now, whatever other threads are doing.
-
-    os._exit, not sys.exit: a non-daemon thread (an executor's, the exporter's) or a stuck
-    drain must not keep a process that cannot serve alive; nothing is left to drain anyway.
-    """
-    log.critical("event=fatal reason=%s action=exit exit_code=%d pid=%d", reason,
-                 FATAL_EXIT_CODE, os.getpid())
-    for handler in logging.getLogger().handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(FATAL_EXIT_CODE)
 
 
 class InjectedFault(BaseException):
@@ -357,30 +327,8 @@ def _run_worker(settings: Settings) -> None:
     # kill it (the default action); it loads what is on disk at startup anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _configure_logging(settings.log_level)
-    _die_with_supervisor()
+    die_with_supervisor()
     asyncio.run(_serve_async(settings))
-
-
-def _die_with_supervisor() -> None:
-    """A worker whose supervisor is gone (SIGKILL, OOM killer) ends too.
-
-    Left alone it would keep serving the port, unsupervised and unexported, and a restarted
-    supervisor's workers would share the port with it. A thread waits on the supervisor's
-    process sentinel (readable when it exits), logs why and exits. (Linux's PR_SET_PDEATHSIG
-    would add nothing: SIGTERM needs the same interpreter to act on it and races the log
-    line; SIGKILL would end the worker without saying why.)
-    """
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-    sentinel = parent.sentinel
-
-    def watch() -> None:
-        multiprocessing.connection.wait([sentinel])
-        _die(f"supervisor_gone supervisor_pid={parent.pid}")
-
-    # A supervisor that died already leaves the sentinel readable: the thread ends us at once.
-    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def serve(settings: Settings) -> None:
@@ -389,94 +337,4 @@ def serve(settings: Settings) -> None:
     if settings.workers <= 1:
         asyncio.run(_serve_async(settings))
         return
-    sys.exit(_supervise(settings))
-
-
-def _supervise(settings: Settings) -> int:
-    """N worker processes on one port; restart crashed ones; forward SIGTERM and SIGHUP;
-    exit 0 if clean."""
-    if settings.port == 0:
-        log.error("event=config_error message='--workers > 1 needs a fixed --port'")
-        return 2
-    ctx = multiprocessing.get_context("spawn")
-    stopping = False
-    # Metrics: spawned workers import prometheus_client after prepare_multiprocess, so they
-    # record into shared files; this process serves the sum on --metrics-port.
-    exporter = None
-    own_dir: Path | None = None
-    if settings.metrics_enabled:
-        directory = multiprocess_dir()
-        if directory is None:
-            directory = own_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
-        prepare_multiprocess(directory)
-        exporter = start_exporter(settings, None)
-
-    def spawn(i: int) -> multiprocessing.process.BaseProcess:
-        p = ctx.Process(target=_run_worker, args=(settings,), name=f"worker-{i}")
-        p.start()
-        log.info("event=worker_started worker=%d pid=%s", i, p.pid)
-        return p
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signal.SIGTERM)
-
-    def on_hangup(signum: int, _frame: Any) -> None:  # `kill -HUP`: every worker rescans
-        log.info("event=signal signal=SIGHUP action=forward workers=%d", len(procs))
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signal.SIGHUP)
-
-    # Signal handlers only set flags and write here, waking the wait below at once.
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-
-    def wake() -> None:
-        with contextlib.suppress(OSError):
-            os.write(wake_w, b"x")
-
-    def on_stop(signum: int, frame: Any) -> None:
-        on_signal(signum, frame)
-        wake()
-
-    procs = [spawn(i) for i in range(settings.workers)]
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hangup)
-    while True:
-        for i, p in enumerate(procs):
-            if not p.is_alive() and not stopping:
-                log.error("event=worker_died worker=%d pid=%s exitcode=%s action=restart",
-                          i, p.pid, p.exitcode)
-                if p.pid is not None:
-                    worker_exited(p.pid)  # no stale in-flight/queue/version gauges
-                time.sleep(1.0)  # a worker that dies at once is not restarted in a tight loop
-                if not stopping:  # a SIGTERM during the pause: no worker it did not reach
-                    procs[i] = spawn(i)
-        if stopping and not any(p.is_alive() for p in procs):
-            break
-        # Sleep until a worker exits or a signal arrives (each process's sentinel becomes
-        # readable when it ends).
-        live = [p.sentinel for p in procs if p.is_alive()]  # an ended one's stays readable
-        if not live or (len(live) < len(procs) and not stopping):
-            continue  # one ended since the check above: handle it first
-        ready = multiprocessing.connection.wait([*live, wake_r])
-        if wake_r in ready:
-            os.read(wake_r, 4096)
-    os.close(wake_r)
-    os.close(wake_w)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.pid is not None:
-            worker_exited(p.pid)
-    if exporter is not None:
-        exporter.stop()
-    if own_dir is not None:
-        shutil.rmtree(own_dir, ignore_errors=True)
-    log.info("event=workers_stopped exitcodes=%s", codes)
-    # -SIGTERM: a worker stopped by our SIGTERM before its interpreter had installed the drain
-    # handler (still importing); it was not serving yet, so that is a clean stop too.
-    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+    sys.exit(supervise(settings, _run_worker))
