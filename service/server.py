@@ -274,6 +274,8 @@ async def _serve_async(settings: Settings) -> None:
     running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
     if settings.fault_injection == "frontend-death":
         loop.add_signal_handler(signal.SIGUSR2, _kill_frontend, running)
+        log.warning("event=fault_injection_armed fault=frontend-death signal=SIGUSR2 "
+                    "(tests only)")
     # A server that can no longer serve ends the process (non-zero, so it is restarted)
     # instead of answering UNAVAILABLE for ever while its health and metrics ports live on.
     death = asyncio.ensure_future(running.died())

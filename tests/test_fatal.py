@@ -73,6 +73,7 @@ def test_a_front_end_that_dies_ends_the_process_non_zero(
                   env={"MNIST_FAULT_INJECTION": "frontend-death"})
     try:
         port = int(_wait_log(proc, log, r"event=listening .*port=(\d+)")[0].group(1))
+        _wait_log(proc, log, r"event=fault_injection_armed")  # SIGUSR2 is handled from now
         assert f"frontend={frontend}" in log.read_text()
         request = uint8_request(np.zeros((1, 784), np.uint8))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
