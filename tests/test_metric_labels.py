@@ -71,6 +71,9 @@ def _random_calls(channel: grpc.Channel, n: int, rng: np.random.Generator) -> li
                 np.zeros((1, 784), np.uint8), model="mnist", version=int(version)), timeout=10),
             lambda: admin.SetCurrentVersion(admin_pb2.AdminSetCurrentVersionRequest(
                 model=model, version=int(version)), metadata=AUTH, timeout=10),
+            lambda: admin.LoadVersion(admin_pb2.AdminLoadVersionRequest(
+                model=model if i % 2 else "mnist", version=int(version)), metadata=AUTH,
+                timeout=10),
             lambda: admin.SetLabel(admin_pb2.AdminSetLabelRequest(
                 model=model, label="stable", version=1), metadata=AUTH, timeout=10),
             lambda: admin.SetCurrentVersion(admin_pb2.AdminSetCurrentVersionRequest(
@@ -102,7 +105,7 @@ def test_random_names_versions_and_labels_create_no_series(
         _random_calls(channel, 8, rng)
         before = _series(registry)
         page_before = len(generate_latest(registry))
-        names = _random_calls(channel, 500, rng)  # 3,500 calls with 1,000 random names
+        names = _random_calls(channel, 500, rng)  # 4,000 calls with 1,000 random names
         after = _series(registry)
         page_after = len(generate_latest(registry))
     assert after == before, f"new series: {sorted(after - before)[:5]}"
