@@ -84,7 +84,7 @@ class RunningServer:
 
     async def died(self) -> str:
         """Return (why) when a gRPC server of ours ends without `stop()` having asked it to;
-        never returns otherwise. `serve` exits the process on it (see `_die`)."""
+        never returns otherwise. `serve` exits the process on it (service/fatal.py)."""
         servers = [("grpc", self.grpc_server)]
         if self.admin is not None and self.admin.server is not None:
             servers.append(("admin", self.admin.server))
