@@ -25,7 +25,8 @@ from grpc_reflection.v1alpha import reflection
 
 from service.codec import VERSION_STATES
 from service.config import Settings
-from service.errors import InvalidInput, ServiceError, Unauthenticated, status_of
+from service.errors import InvalidInput, ServiceError, Unauthenticated, redact_paths, status_of
+from service.malformed import enable_reflection
 from service.metrics import Metrics
 from service.pb.mnist.v1 import admin_pb2 as pb
 from service.registry import ModelRegistry, ModelStatus
@@ -42,7 +43,8 @@ def encode_status(status: ModelStatus) -> pb.AdminModelStatus:
         policy=status.policy,
         versions=[
             pb.AdminVersionStatus(
-                version=v.version, state=VERSION_STATES[v.state], reason=v.reason, detail=v.detail,
+                version=v.version, state=VERSION_STATES[v.state], reason=v.reason,
+                detail=redact_paths(v.detail),  # no server paths to callers; the log has them
                 labels=list(v.labels),
             )
             for v in status.versions
@@ -242,7 +244,7 @@ def add_to_server(
     own = grpc.aio.server()
     own.add_generic_rpc_handlers((handler,))
     # grpcurl on the operator port lists and describes Admin, as on the main port.
-    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), own)
+    enable_reflection((SERVICE_NAME, reflection.SERVICE_NAME), own)
     address = f"{settings.host}:{settings.admin_port}"
     port = (
         own.add_secure_port(address, credentials)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MNIST_"
+# --fault-injection values (tests/test_fatal.py, tests/test_server.py drive them).
+FAULTS = ("", "frontend-death", "selftest")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -85,6 +87,12 @@ class Settings:
     metrics_host: str = _opt("0.0.0.0", "address for the /metrics endpoint")
     metrics_port: int = _opt(9100, "port for the /metrics endpoint")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    # --- tests only
+    fault_injection: str = _opt(
+        "", "TESTS ONLY, never in production: 'frontend-death' (SIGUSR2 kills the gRPC front "
+        "end behind the server's back) or 'selftest' (the core front end's startup self-test "
+        "fails); see docs/serving.md"
+    )
 
     @property
     def max_message_bytes(self) -> int:
@@ -176,6 +184,8 @@ def validate(s: Settings) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.frontend not in ("core", "aio"):
         problems.append(f"--frontend must be 'core' or 'aio', got {s.frontend!r}")
+    if s.fault_injection not in FAULTS:
+        problems.append(f"--fault-injection must be one of {FAULTS}, got {s.fault_injection!r}")
     if (s.tls_cert is None) != (s.tls_key is None):
         problems.append("--tls-cert and --tls-key go together")
     if s.tls_client_ca is not None and s.tls_cert is None:

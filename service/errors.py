@@ -6,6 +6,8 @@ Every message says what was expected and what was received.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from service.model import ModelFormatError
@@ -59,10 +61,22 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+# An absolute POSIX path (not the '/' inside '1/2' or 'a/b'): what a caller must not see.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/[^\s'\",;:()\[\]{}<>]*")
+
+
+def redact_paths(text: str) -> str:
+    """`text` with every absolute server path replaced by '<path>' (they stay in the log)."""
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and details a client gets for an exception: the only such map."""
+    """The status code and details a client gets for an exception: the only such map.
+
+    Details never carry an absolute server path (a file, a symlink's target)."""
     if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
+        return exc.code, redact_paths(str(exc))
     if isinstance(exc, ModelFormatError):
-        return grpc.StatusCode.FAILED_PRECONDITION, f"model rejected ({exc.reason}): {exc}"
+        return (grpc.StatusCode.FAILED_PRECONDITION,
+                redact_paths(f"model rejected ({exc.reason}): {exc}"))
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

@@ -69,6 +69,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Set by the process that exports in multiprocess mode; its workers inherit it and stay quiet.
 EXPORTER_PID_ENV = "MNIST_METRICS_EXPORTER_PID"
 _CLASS_LABELS = tuple(str(c) for c in range(NUM_CLASSES))
+# The model or version label of a request naming what this process never loaded.
+UNKNOWN = "unknown"
 
 
 def multiprocess_dir() -> Path | None:
@@ -319,6 +321,16 @@ class Metrics:
             "Top-class probability of each image answered, by version.",
             ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r,
         )
+        self.frontend = Gauge(
+            "mnist_frontend_info",
+            "1 for the gRPC front end that serves: 'core' (completion queue, proven by the "
+            "startup self-test) or 'aio'.",
+            ["frontend"], registry=r, multiprocess_mode="livemax",
+        )
+        # Model names and versions this process has loaded: the only values a model or
+        # version label takes besides '' (not chosen yet) and UNKNOWN. Callers pass what a
+        # request named; a caller-chosen string must never create a series.
+        self._loaded: dict[str, set[str]] = {}
         # Label children, created on first use and then found with one dict lookup.
         self._request_children: dict[tuple[str, str, str, str], _RequestChildren] = {}
         self._batch_children: dict[tuple[str, int], _BatchChildren] = {}
@@ -328,6 +340,19 @@ class Metrics:
     @classmethod
     def disabled(cls) -> Metrics:
         return cls(None, enabled=False)
+
+    def set_frontend(self, frontend: str) -> None:
+        if self.enabled:
+            self.frontend.labels(frontend).set(1)
+
+    def _model_label(self, model: str) -> str:
+        return model if model == "" or model in self._loaded else UNKNOWN
+
+    def _version_label(self, model: str, version: str) -> str:
+        if version == "":
+            return version
+        versions = self._loaded.get(model)
+        return version if versions is not None and version in versions else UNKNOWN
 
     # --- servicer
 
@@ -340,7 +365,10 @@ class Metrics:
         key = (method, model, version, code)
         c = self._request_children.get(key)
         if c is None:
-            c = self._request_children_for(key)
+            # Not cached: a first request, or names nobody loaded (then counted as UNKNOWN,
+            # and the cache keeps only the bounded key).
+            key = (method, self._model_label(model), self._version_label(model, version), code)
+            c = self._request_children.get(key) or self._request_children_for(key)
         if not self._defer:
             c.requests.inc()
             if images:
@@ -378,7 +406,7 @@ class Metrics:
         if not self.enabled:
             return
         c = self._batch_children.get((model, version))
-        if c is None:
+        if c is None:  # (no label check: a batch only ever runs a loaded version)
             c = self._batch_children_for(model, version)
         if not self._defer:
             self._record_batches(c, [forward_s], list(queue_waits_s), [probabilities])
@@ -492,6 +520,8 @@ class Metrics:
     def set_queue_rows(self, model: str, rows: int) -> None:
         if not self.enabled:
             return
+        if model not in self._loaded:
+            model = UNKNOWN
         if self._defer:
             self._queue_rows[model] = rows
             return
@@ -505,6 +535,8 @@ class Metrics:
     def version_available(self, model: str, version: int, load_s: float) -> None:
         if not self.enabled:
             return
+        with self._children_lock:
+            self._loaded = {**self._loaded, model: {*self._loaded.get(model, ()), str(version)}}
         self.loads.labels(model, "success").inc()
         self.load_duration.labels(model).observe(load_s)
         self.version_loaded.labels(model, str(version)).set(1)

@@ -195,8 +195,10 @@ class InferenceServicer:
         request = tensors.parse(pb.ModelInferRequest, raw)
         job.id = request.id
         job.number, job.label = tensors.parse_version(request.model_version)
-        if not job.label:  # labels resolve at batch time, as in the native API
-            sv = self._registry.resolve(request.model_name, job.number)
+        # Fail fast on a model, version or label not loaded (nothing unknown is queued, nor
+        # names a metric series); a label resolves again at batch time, as in the native API.
+        sv = self._registry.resolve(request.model_name, job.number, job.label)
+        if not job.label:
             job.model, job.version = sv.name, str(sv.version)
         job.outputs = tensors.requested_outputs(request)
         x, job.came_raw = tensors.decode_input(request, self._settings.max_images_per_request)
@@ -240,7 +242,8 @@ class InferenceServicer:
                     continue
                 reply.models.add(
                     name=model.name, version=str(v.version), state=state,
-                    reason=getattr(v, "detail", "") or v.reason,
+                    # The short reason code: the detail names server paths (the log has it).
+                    reason=v.reason,
                 )
         return reply
 

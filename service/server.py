@@ -1,14 +1,16 @@
 """Wiring in one place: Settings -> Metrics -> ModelRegistry -> Batcher -> servicers + health.
 
 `start_server` is what tests and other modules use (returns once listening); `serve` is the
-process entry point (runs until SIGTERM/SIGINT, drains, exits 0). With `--workers N > 1`,
-`serve` becomes a small supervisor of N single-worker processes that share the port through
-SO_REUSEPORT; the kernel spreads connections between them.
+process entry point (runs until SIGTERM/SIGINT, drains, exits 0; exits 70 with `event=fatal`
+if the gRPC server ends without having been asked to, see service/fatal.py). With
+`--workers N > 1`, `serve` becomes a small supervisor (service/supervisor.py) of N
+single-worker processes that share the port through SO_REUSEPORT.
 
 Server model (docs/serving.md, "The core front end"): by default a `transport.CoreServer`,
 which answers Classify on one thread polling gRPC core's completion queue (batched when the
 queue of completions runs dry) and runs every other RPC as a grpc.aio-style handler on the
-event loop; `--frontend aio` serves everything through grpc.aio instead, at ~0.6 of the rate.
+event loop, once service/selftest.py has proven it on the installed grpcio; `--frontend aio`
+(or a failed self-test) serves everything through grpc.aio instead, at ~0.6 of the rate.
 """
 
 from __future__ import annotations
@@ -17,15 +19,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-import multiprocessing
 import os
-import shutil
 import signal
 import sys
-import tempfile
-import time
+import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,18 +31,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import admin, oip, transport
+from service import admin, oip, selftest
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
-from service.metrics import (
-    Metrics,
-    multiprocess_dir,
-    prepare_multiprocess,
-    start_exporter,
-    worker_exited,
-)
+from service.fatal import die
+from service.malformed import Registrar, enable_reflection
+from service.metrics import Metrics, start_exporter
 from service.registry import ModelRegistry
+from service.supervisor import die_with_supervisor, supervise
 from service.transport import CoreServer
 
 log = logging.getLogger("service.server")
@@ -67,6 +62,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics_port: int | None = None
     admin: admin.AdminEndpoint | None = None
+    frontend: str = "aio"  # what serves: "core" or "aio" (after the self-test's verdict)
     _stopping: bool = False
     _closers: list[Any] = field(default_factory=list)
 
@@ -86,6 +82,26 @@ class RunningServer:
             close()
         log.info("event=stopped")
 
+    async def died(self) -> str:
+        """Return (why) when a gRPC server of ours ends without `stop()` having asked it to;
+        never returns otherwise. `serve` exits the process on it (service/fatal.py)."""
+        servers = [("grpc", self.grpc_server)]
+        if self.admin is not None and self.admin.server is not None:
+            servers.append(("admin", self.admin.server))
+        # Shielded: cancelling grpc.aio's wait_for_termination cancels the future its own
+        # shutdown awaits later (stop() then raises CancelledError).
+        waits = {asyncio.shield(s.wait_for_termination()): name for name, s in servers}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        if self._stopping:
+            await asyncio.Future()  # asked for: not a death; wait to be cancelled
+        names = sorted(waits[task] for task in done)
+        what = "polling thread ended" if self.frontend == "core" else "server stopped"
+        return f"{'+'.join(names)}_server_terminated frontend={self.frontend} ({what})"
+
 
 def _server_options(settings: Settings) -> list[tuple[str, Any]]:
     return [
@@ -94,6 +110,21 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         # Port sharing only when asked: otherwise a second server on the port is an error.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
+
+
+async def _choose_frontend(settings: Settings, registry: ModelRegistry) -> str:
+    """'core' only when asked for and proven on this grpcio by service/selftest.py."""
+    if settings.frontend != "core":
+        return settings.frontend
+    problem = await selftest.core_frontend_problem(
+        settings, registry, options=_server_options(settings)
+    )
+    if problem is not None:
+        log.warning("event=frontend_fallback frontend=aio grpcio=%s reason=%r",
+                    grpc.__version__, problem)
+        return "aio"
+    log.info("event=frontend_selftest result=ok frontend=core grpcio=%s", grpc.__version__)
+    return "core"
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -152,11 +183,12 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         enabled=settings.batching,
         inline_max_rows=settings.inline_forward_max_rows,
     )
+    await update_health()  # NOT_SERVING until a model is loaded
+    await registry.start()
+    await update_health()
+    frontend = await _choose_frontend(settings, registry)
+    metrics.set_frontend(frontend)
     server: grpc.aio.Server
-    frontend = settings.frontend
-    if frontend == "core" and (reason := transport.unavailable_reason()) is not None:
-        log.warning("event=frontend_fallback frontend=aio reason=%r", reason)
-        frontend = "aio"
     if frontend == "core":
         core = CoreServer(_server_options(settings))
         core.add_idle_hook(batcher.run_queued)
@@ -169,7 +201,9 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         ),
         server,
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Health and reflection parse requests with grpcio's deserializers; through the
+    # Registrar a malformed one is INVALID_ARGUMENT on either front end (service/malformed.py).
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, Registrar(server))
     services = [classifier.SERVICE_NAME, health.SERVICE_NAME]
     # --- other servicers register here (each helper adds its own line):
     admin_endpoint = admin.add_to_server(
@@ -183,11 +217,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     services.append(oip.SERVICE_NAME)
     # --- end of servicer registrations
     services.append(reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(services, server)
-
-    await update_health()  # NOT_SERVING until a model is loaded
-    await registry.start()
-    await update_health()
+    enable_reflection(services, server)
     await batcher.start()
 
     address = f"{settings.host}:{settings.port}"
@@ -203,7 +233,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
              "pid=%d", settings.host, port, creds is not None, frontend, settings.batching,
              [s.name for s in registry.status()], os.getpid())
     running = RunningServer(server, port, registry, batcher, metrics, health_servicer,
-                            metrics_port, admin_endpoint, _closers=closers)
+                            metrics_port, admin_endpoint, frontend, _closers=closers)
 
     original_stop = running.stop
 
@@ -242,7 +272,18 @@ async def _serve_async(settings: Settings) -> None:
     running = await start_server(settings)
     _tune_gc()
     running.registry.install_sighup_handler(loop)  # `kill -HUP` rescans the repository
-    await stop.wait()
+    if settings.fault_injection == "frontend-death":
+        loop.add_signal_handler(signal.SIGUSR2, _kill_frontend, running)
+        log.warning("event=fault_injection_armed fault=frontend-death signal=SIGUSR2 "
+                    "(tests only)")
+    # A server that can no longer serve ends the process (non-zero, so it is restarted)
+    # instead of answering UNAVAILABLE for ever while its health and metrics ports live on.
+    death = asyncio.ensure_future(running.died())
+    asked = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({death, asked}, return_when=asyncio.FIRST_COMPLETED)
+    if death.done():
+        die(death.result())
+    death.cancel()
     if settings.drain_delay_s > 0:
         # Unready first: health checkers (Envoy, a readiness probe) move traffic away while
         # requests are still answered; then drain. A second signal cuts the wait short.
@@ -253,6 +294,27 @@ async def _serve_async(settings: Settings) -> None:
             await asyncio.wait_for(stop.wait(), settings.drain_delay_s)
     log.info("event=signal action=drain grace_s=%s", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
+
+
+class InjectedFault(BaseException):
+    """--fault-injection frontend-death: raised in gRPC core's polling thread. A
+    BaseException, as an interpreter-level failure would be: no `except Exception` stops it."""
+
+
+def _kill_frontend(running: RunningServer) -> None:
+    """TESTS ONLY (--fault-injection frontend-death, on SIGUSR2): end the gRPC front end
+    behind the server's back, as a crash would -- not through RunningServer.stop."""
+    log.warning("event=fault_injected fault=frontend-death frontend=%s", running.frontend)
+    if running.frontend == "core":
+        import ctypes
+
+        for thread in threading.enumerate():
+            if thread.name == "grpc-core" and thread.ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(thread.ident), ctypes.py_object(InjectedFault)
+                )
+        return
+    asyncio.get_running_loop().create_task(running.grpc_server.stop(0))
 
 
 def _configure_logging(level: str) -> None:
@@ -267,6 +329,7 @@ def _run_worker(settings: Settings) -> None:
     # kill it (the default action); it loads what is on disk at startup anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _configure_logging(settings.log_level)
+    die_with_supervisor()
     asyncio.run(_serve_async(settings))
 
 
@@ -276,72 +339,4 @@ def serve(settings: Settings) -> None:
     if settings.workers <= 1:
         asyncio.run(_serve_async(settings))
         return
-    sys.exit(_supervise(settings))
-
-
-def _supervise(settings: Settings) -> int:
-    """N worker processes on one port; restart crashed ones; forward SIGTERM and SIGHUP;
-    exit 0 if clean."""
-    if settings.port == 0:
-        log.error("event=config_error message='--workers > 1 needs a fixed --port'")
-        return 2
-    ctx = multiprocessing.get_context("spawn")
-    stopping = False
-    # Metrics: spawned workers import prometheus_client after prepare_multiprocess, so they
-    # record into shared files; this process serves the sum on --metrics-port.
-    exporter = None
-    own_dir: Path | None = None
-    if settings.metrics_enabled:
-        directory = multiprocess_dir()
-        if directory is None:
-            directory = own_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
-        prepare_multiprocess(directory)
-        exporter = start_exporter(settings, None)
-
-    def spawn(i: int) -> multiprocessing.process.BaseProcess:
-        p = ctx.Process(target=_run_worker, args=(settings,), name=f"worker-{i}")
-        p.start()
-        log.info("event=worker_started worker=%d pid=%s", i, p.pid)
-        return p
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signal.SIGTERM)
-
-    def on_hangup(signum: int, _frame: Any) -> None:  # `kill -HUP`: every worker rescans
-        log.info("event=signal signal=SIGHUP action=forward workers=%d", len(procs))
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signal.SIGHUP)
-
-    procs = [spawn(i) for i in range(settings.workers)]
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
-    while True:
-        for i, p in enumerate(procs):
-            if not p.is_alive() and not stopping:
-                log.error("event=worker_died worker=%d pid=%s exitcode=%s action=restart",
-                          i, p.pid, p.exitcode)
-                if p.pid is not None:
-                    worker_exited(p.pid)  # no stale in-flight/queue/version gauges
-                time.sleep(1.0)
-                procs[i] = spawn(i)
-        if stopping and not any(p.is_alive() for p in procs):
-            break
-        time.sleep(0.2)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.pid is not None:
-            worker_exited(p.pid)
-    if exporter is not None:
-        exporter.stop()
-    if own_dir is not None:
-        shutil.rmtree(own_dir, ignore_errors=True)
-    log.info("event=workers_stopped exitcodes=%s", codes)
-    # -SIGTERM: a worker stopped by our SIGTERM before its interpreter had installed the drain
-    # handler (still importing); it was not serving yet, so that is a clean stop too.
-    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+    sys.exit(supervise(settings, _run_worker))

@@ -36,6 +36,13 @@ def metrics(registry: CollectorRegistry) -> Metrics:
     return Metrics(registry)
 
 
+def loaded(metrics: Metrics, *versions: int) -> Metrics:
+    """As the registry does on loading: only loaded names and versions label a series."""
+    for v in versions:
+        metrics.version_available("mnist", v, 0.01)
+    return metrics
+
+
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
 
@@ -52,6 +59,7 @@ def probs(rows: list[tuple[int, float]]) -> np.ndarray:
 def test_request_done_counts_requests_images_and_duration(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
+    loaded(metrics, 3)
     metrics.request_done("Classify", "mnist", "3", "OK", 5, 0.002)
     metrics.request_done("Classify", "mnist", "3", "OK", 2, 0.3)
     metrics.request_done("Classify", "mnist", "", "INVALID_ARGUMENT", 0, 0.0001)
@@ -241,6 +249,7 @@ def test_version_lifecycle_gauges_loads_and_rejections(
 
 
 def test_queue_rows_and_inflight_gauges(metrics: Metrics, registry: CollectorRegistry) -> None:
+    loaded(metrics, 1)
     metrics.set_queue_rows("mnist", 12)
     metrics.set_queue_rows("mnist", 3)
     metrics.inflight.inc()
@@ -273,6 +282,7 @@ def test_process_metrics_are_on_the_registry(
 
 
 def test_exporter_serves_the_registry_and_stops(metrics: Metrics) -> None:
+    loaded(metrics, 1)
     metrics.request_done("Classify", "mnist", "1", "OK", 4, 0.01)
     exporter = start_exporter(Settings(metrics_host="127.0.0.1", metrics_port=0), metrics)
     assert exporter is not None
@@ -408,6 +418,7 @@ def test_batches_are_recorded_at_collection_or_when_too_many_wait(
     assert child._value.get() == 5
 
     # Requests, in-flight and queue depth the same way: queued, then recorded at collection.
+    loaded(metrics, 1)
     metrics.request_done("Classify", "mnist", "1", "OK", 2, 0.001)
     metrics.inflight.inc()
     metrics.set_queue_rows("mnist", 7)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +155,110 @@ def test_bad_model_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(PublishError, match="model name"):
         publish(tiny_model(), tmp_path, name)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- readable by another user; staging left by a killed trainer is cleaned up
+
+
+def _modes(version_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(version_dir)): p.stat().st_mode & 0o777
+            for p in [version_dir, *version_dir.rglob("*")]}
+
+
+@pytest.mark.parametrize(("umask", "dir_mode", "file_mode"),
+                         [(0o022, 0o755, 0o644), (0o002, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_published_versions_are_readable_as_the_umask_allows(
+    tmp_path: Path, umask: int, dir_mode: int, file_mode: int
+) -> None:
+    def plots(directory: Path) -> None:
+        (directory / "plots").mkdir()
+        (directory / "plots" / "loss.txt").write_text("0.1\n")
+
+    old = os.umask(umask)
+    try:
+        _, path = publish(tiny_model(), tmp_path, "m", extra_files=plots)
+    finally:
+        os.umask(old)
+    modes = _modes(path)
+    assert modes.pop(".") == dir_mode
+    assert modes.pop("plots") == dir_mode
+    assert set(modes.values()) == {file_mode}, modes
+
+
+def test_another_user_can_read_a_published_version(tmp_path: Path) -> None:
+    """As root (the container image's test run), read it for real as 'nobody'."""
+    world = Path(tempfile.mkdtemp(prefix="mnist-publish-"))  # /tmp: traversable by anyone
+    try:
+        os.chmod(world, 0o755)
+        old = os.umask(0o022)
+        try:
+            _, path = publish(tiny_model(), world, "m")
+        finally:
+            os.umask(old)
+        assert _modes(path)["."] == 0o755
+        if os.geteuid() != 0:
+            return  # cannot switch user: the modes above are the proof
+        nobody = 65534
+
+        def drop() -> None:
+            os.setgid(nobody)
+            os.setuid(nobody)
+
+        out = subprocess.run(["/bin/cat", str(path / "model.npz.sha256")], preexec_fn=drop,
+                             capture_output=True, timeout=30, check=False)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == (path / "model.npz.sha256").read_bytes()
+    finally:
+        shutil.rmtree(world, ignore_errors=True)
+
+
+_STAGE_AND_HANG = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from test_publish import tiny_model
+    from trainer.publish import publish
+
+    def hang(directory):
+        print(directory, flush=True)
+        time.sleep(600)
+
+    publish(tiny_model(), Path(sys.argv[1]), "m", extra_files=hang)
+""")
+
+
+def test_staging_left_by_a_killed_trainer_is_removed_on_the_next_publish(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "m"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STAGE_AND_HANG, str(tmp_path), str(Path(__file__).parent)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        staging = Path(proc.stdout.readline().strip())
+        assert staging.parent == repo, staging
+        assert staging.name.startswith(".tmp-"), staging
+        assert (staging / "model.npz").exists()
+    finally:
+        proc.kill()  # SIGKILL: no cleanup handler runs
+        proc.wait(timeout=10)
+    assert staging.exists()
+    # A live trainer's staging (this process), and an old-style name still fresh, stay.
+    mine = repo / f".tmp-{publish_module._host()}-{os.getpid()}-live"
+    mine.mkdir()
+    fresh = repo / ".tmp-abcd1234"
+    fresh.mkdir()
+    old = repo / ".tmp-otherhost-1-old"
+    old.mkdir()
+    long_ago = time.time() - publish_module.STALE_STAGING_AGE_S - 60
+    os.utime(old, (long_ago, long_ago))
+
+    version, _ = publish(tiny_model(), tmp_path, "m")
+    assert version == 1
+    assert not staging.exists(), "the killed trainer's staging directory is still there"
+    assert not old.exists()
+    assert mine.exists()
+    assert fresh.exists()
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["1", mine.name, fresh.name])

@@ -37,6 +37,7 @@ from procs import free_port, stop_process
 from service.model import pixels_to_input
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from service.transport import CoreServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -444,3 +445,84 @@ def test_server_falls_back_to_aio_when_the_core_front_end_is_unavailable(
         reply = pb_grpc.ClassifierStub(ch).Classify(uint8_request(np.zeros((2, 784), np.uint8)),
                                                     timeout=10)
     assert len(reply.predictions) == 2
+
+
+# --- the core front end's startup self-test (service/selftest.py)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def _frontend_info(server: ServerThread) -> dict[str, float]:
+    return {f: server.sample("mnist_frontend_info", {"frontend": f}) for f in ("core", "aio")}
+
+
+@pytest.mark.parametrize("models", [["mnist"], [], ["a", "b"]])
+def test_core_front_end_serves_once_its_self_test_passes(
+    tmp_path: Path, start: Any, caplog: pytest.LogCaptureFixture, models: list[str]
+) -> None:
+    """With one model, none, or two and no default one (a request naming none fails)."""
+    repo = tmp_path / "models"
+    repo.mkdir()
+    for name in models:
+        write_version(repo, name, 1, make_model(seed=1))
+    with caplog.at_level("INFO", logger="service.server"):
+        server = start(repo)
+    assert server.running.frontend == "core"
+    assert "event=frontend_selftest result=ok frontend=core" in caplog.text
+    assert _frontend_info(server) == {"core": 1.0, "aio": 0.0}
+    # The self-test leaves no trace in the request metrics.
+    assert server.sample("mnist_requests_total", {"method": "Classify", "model": "",
+                                                  "version": "", "code": "INVALID_ARGUMENT"}) == 0
+    if models:
+        with grpc.insecure_channel(server.target) as ch:
+            reply = pb_grpc.ClassifierStub(ch).Classify(
+                uint8_request(np.zeros((2, 784), np.uint8), model=models[0]), timeout=10)
+        assert len(reply.predictions) == 2
+
+
+def test_a_failed_self_test_serves_through_grpc_aio_and_says_why(
+    model_repo: Path, start: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="service.server"):
+        server = start(model_repo, fault_injection="selftest")
+    assert server.running.frontend == "aio"
+    assert not isinstance(server.running.grpc_server, CoreServer)
+    assert re.search(r"event=frontend_fallback frontend=aio grpcio=\S+ reason=.*Classify of an "
+                     r"empty request: expected INVALID_ARGUMENT, got INTERNAL", caplog.text)
+    assert _frontend_info(server) == {"core": 0.0, "aio": 1.0}
+    with grpc.insecure_channel(server.target) as ch:
+        reply = pb_grpc.ClassifierStub(ch).Classify(
+            uint8_request(np.zeros((3, 784), np.uint8)), timeout=10)
+        assert len(reply.predictions) == 3
+        assert health_status(server.target) == SERVING
+
+
+# --- malformed health and reflection requests: INVALID_ARGUMENT on both front ends
+
+_MALFORMED = b"\xff\xff\xff\xff"  # a truncated varint tag: no protobuf parser accepts it
+
+
+@pytest.mark.parametrize("frontend", ["core", "aio"])
+@pytest.mark.parametrize(("method", "kind"), [
+    ("/grpc.health.v1.Health/Check", "unary"),
+    ("/grpc.health.v1.Health/Watch", "server_stream"),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "bidi"),
+])
+def test_malformed_health_and_reflection_requests_are_invalid_argument(
+    model_repo: Path, start: Any, frontend: str, method: str, kind: str
+) -> None:
+    server = start(model_repo, frontend=frontend)
+    assert server.running.frontend == frontend
+    with grpc.insecure_channel(server.target) as ch:
+        calls = {
+            "unary": lambda: ch.unary_unary(method)(_MALFORMED, timeout=5),
+            "server_stream": lambda: list(ch.unary_stream(method)(_MALFORMED, timeout=5)),
+            "bidi": lambda: list(ch.stream_stream(method)(iter([_MALFORMED]), timeout=5)),
+        }
+        with pytest.raises(grpc.RpcError) as caught:
+            calls[kind]()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        # Well-formed requests still work, and so does the server.
+        assert health_status(server.target) == SERVING
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "grpc.health.v1.Health" in set(db.get_services())

@@ -9,6 +9,15 @@ failure of this layout (tensorflow/serving #207, #1086).
 
 An existing version is never overwritten: the rename uses RENAME_NOREPLACE where Linux has
 it, and otherwise a target that exists (another trainer won the race) makes us try N + 1.
+
+A published version is readable by a server running as another user: directories 0755 and
+files 0644, narrowed by the umask (mkdtemp alone would leave the directory 0700, whatever the
+umask). A umask of 077 keeps versions private to the trainer's user, as it would any file.
+
+The staging directory is `.tmp-<host>-<pid>-XXXX`. A trainer killed while staging leaves it
+behind; the next publish into the same model removes those whose trainer is gone: on this
+host, a pid that no longer runs; otherwise (another host on a shared volume, or a name
+without a pid) one not modified for STALE_STAGING_AGE_S.
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +41,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION = re.compile(r"^[0-9]+$")
 # How many taken version numbers we step over before giving up (only a race gets here).
 MAX_RACE_RETRIES = 100
+# Widest modes of a published version, before the umask narrows them.
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+STAGING_PREFIX = ".tmp-"
+# A staging directory whose owner cannot be checked is stale once untouched this long.
+STALE_STAGING_AGE_S = 3600.0
+_STAGING = re.compile(r"^\.tmp-(?P<host>[A-Za-z0-9_.]*)-(?P<pid>[0-9]+)-")
 
 
 class PublishError(Exception):
@@ -80,7 +98,8 @@ def publish(
     repo = model_dir / name
     try:
         repo.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=repo))
+        remove_stale_staging(repo)
+        tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=repo))
     except OSError as e:
         raise PublishError(_describe(e, f"cannot create {repo}")) from None
     try:
@@ -89,6 +108,7 @@ def publish(
             extra_files(tmp)
             for child in tmp.iterdir():
                 _fsync_file(child)
+        _make_readable(tmp)
         fsync_dir(tmp)
         version, target = _rename_into_place(tmp, repo)
         fsync_dir(repo)
@@ -98,6 +118,84 @@ def publish(
             raise PublishError(_describe(e, f"cannot publish into {repo}")) from None
         raise
     return version, target
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux allows."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (the trainer is one thread here)
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(tmp: Path) -> None:
+    """DIR_MODE / FILE_MODE narrowed by the umask, on the version and everything in it."""
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, DIR_MODE & ~mask)
+        for d in dirs:
+            os.chmod(os.path.join(root, d), DIR_MODE & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), FILE_MODE & ~mask)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64]
+
+
+def _staging_prefix() -> str:
+    return f"{STAGING_PREFIX}{_host()}-{os.getpid()}-"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_staging(repo: Path, *, now: float | None = None) -> list[str]:
+    """Remove staging directories that killed trainers left in `repo`; return their names.
+
+    On this host a dead pid says the trainer is gone; anything else (another host, an old
+    `.tmp-XXXX` name) must be untouched for STALE_STAGING_AGE_S. A directory that vanishes
+    meanwhile (its trainer finished) is fine.
+    """
+    now = time.time() if now is None else now
+    host = _host()
+    removed: list[str] = []
+    try:
+        names = os.listdir(repo)
+    except FileNotFoundError:
+        return removed
+    for entry in names:
+        if not entry.startswith(STAGING_PREFIX):
+            continue
+        path = repo / entry
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        match = _STAGING.match(entry)
+        if match and match["host"] == host:
+            stale = int(match["pid"]) != os.getpid() and not _pid_running(int(match["pid"]))
+        else:
+            stale = now - info.st_mtime > STALE_STAGING_AGE_S
+        if not stale:
+            continue
+        if path.is_symlink() or not path.is_dir():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 def _fsync_file(path: Path) -> None:
