@@ -95,7 +95,7 @@ PERMANENT_REASONS = frozenset({
     "unreadable", "too_large", "checksum", "not_npz", "truncated", "corrupt", "encrypted",
     "compression", "too_many_members", "duplicate_member", "unexpected_key", "missing_key",
     "pickle", "dtype", "shape", "input_size", "not_finite", "metadata", "probe_mismatch",
-    "version_name", "internal",
+    "version_name", "model_name", "internal",
 })
 TRANSIENT_REASONS = frozenset({"transient_io", "load_timeout", "out_of_memory"})
 REASONS = PERMANENT_REASONS | TRANSIENT_REASONS

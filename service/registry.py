@@ -7,8 +7,14 @@ an admin SetCurrentVersion), loads the missing ones off the event loop, validate
 and only then swaps one reference (`_Snapshot`) that every request reads. A batch that already
 holds a `ServableVersion` keeps using it; it is freed when the last holder drops it.
 
-A version that fails validation is remembered with its file signature and not retried until
-its files change. A loaded version whose directory disappears stays servable until the scan
+A version that fails to load, whatever raised, is FAILED with a reason from the fixed set in
+`service.model.REASONS`. A permanent failure (the files are wrong) is remembered with its
+file signature and not retried until its files change; a transient one (EIO, ESTALE, files
+that changed while being read, a read that did not finish in `load_timeout_s`) is retried
+on later scans with exponential backoff, as TF Serving retries loads. Each load runs on a
+thread of its own and is awaited for at most `load_timeout_s`: a read blocked in the kernel
+(a hung network mount) costs one scan that long once, and never blocks the other models.
+A loaded version whose directory disappears stays servable until the scan
 has loaded whatever replaces it (availability first, like TF Serving's
 availability-preserving policy), then it is released.
 
@@ -23,6 +29,7 @@ import contextlib
 import enum
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +39,13 @@ from types import MappingProxyType
 from service import repository
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from service.metrics import Metrics
-from service.model import Model, ModelFormatError
+from service.model import (
+    REASONS,
+    TRANSIENT_REASONS,
+    Model,
+    ModelFormatError,
+    TransientLoadError,
+)
 from service.repository import Signature
 from service.version_policy import (
     Policies,
@@ -65,13 +78,18 @@ class ServableVersion:
 
 @dataclass(frozen=True, slots=True)
 class VersionStatus:
-    """`reason` is the short slug of a failure (a metric label); `detail` the full message."""
+    """`reason` is the short slug of a failure (a metric label); `detail` the full message.
+
+    `detail` may name filesystem paths: log and admin API only, never an unauthenticated
+    answer. `retries` counts the failed attempts of a transient failure.
+    """
 
     version: int
     state: VersionState
     reason: str = ""
     detail: str = ""
     labels: tuple[str, ...] = ()
+    retries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +114,28 @@ class _Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
+    """A failed load. A permanent one waits for new files; a transient one for `retry_at`."""
+
     signature: Signature
     reason: str
     detail: str
+    attempts: int = 1
+    retry_at: float = 0.0
+
+    @property
+    def transient(self) -> bool:
+        return self.reason in TRANSIENT_REASONS
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A load running on its own thread; it outlives a scan that stopped waiting for it."""
+
+    signature: Signature
+    future: asyncio.Future[Model]
+
+
+Loader = Callable[[Path, Path], Model]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +162,20 @@ class ModelRegistry:
         on_change: Callable[[], None] | None = None,
         version_policy: str = "latest",
         version_labels: str = "",
+        loader: Loader = repository.load_inside,
+        load_timeout_s: float = 60.0,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 60.0,
     ) -> None:
+        """`loader(root, version_dir)` reads and validates one version (injectable, so tests
+        can make reads fail or block); it runs on a thread of its own per load."""
         self._dir = model_dir
+        self._loader = loader
+        self._load_timeout_s = load_timeout_s
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._refused: set[tuple[str, str]] = set()
         self._metrics = metrics
         self._interval = rescan_interval_s
         self._default_model = default_model
@@ -150,8 +199,12 @@ class ModelRegistry:
     # --- lifecycle
 
     async def start(self) -> None:
-        """Load what is there now, then keep rescanning on the interval."""
-        await self.rescan()
+        """Load what is there now, then keep rescanning on the interval.
+
+        Never raises for anything in the repository: a server with nothing loadable starts
+        NOT_SERVING and picks models up as they appear.
+        """
+        await self._rescan_logged()
         if self._interval > 0:
             self._task = asyncio.create_task(self._rescan_forever(), name="registry-rescan")
 
@@ -196,8 +249,21 @@ class ModelRegistry:
         async with self._scan_lock:
             await self._rescan_locked()
 
+    async def _scan_disk(self) -> dict[str, dict[int, Path]]:
+        found = await asyncio.to_thread(repository.scan, self._dir)
+        for model, name in found.refused.keys() - self._refused:
+            why = found.refused[(model, name)]
+            if name:
+                log.warning("model %s: ignoring directory %r: %s", model, name, why)
+                self._metrics.name_refused(model, "version_name")
+            else:
+                log.warning("ignoring model directory %r: %s", model, why)
+                self._metrics.name_refused("unknown", "model_name")
+        self._refused = set(found.refused)
+        return found.versions
+
     async def _rescan_locked(self) -> None:
-        disk = await asyncio.to_thread(repository.scan, self._dir)
+        disk = await self._scan_disk()
         self._disk = disk
         old = self._snapshot
         servable: dict[str, Mapping[int, ServableVersion]] = {}
@@ -205,7 +271,11 @@ class ModelRegistry:
         labels: dict[str, Mapping[str, int]] = {}
         for name in sorted(set(disk) | set(old.servable)):
             on_disk = disk.get(name, {})
-            kept = await self._scan_model(name, on_disk, old.servable.get(name, {}))
+            try:
+                kept = await self._scan_model(name, on_disk, old.servable.get(name, {}))
+            except Exception:  # a bug met by one model must not stop the others
+                log.exception("model %s: scan failed; keeping what it served", name)
+                kept = dict(old.servable.get(name, {}))
             if not kept:
                 continue
             servable[name] = MappingProxyType(kept)
@@ -216,6 +286,9 @@ class ModelRegistry:
         # Forget failures of directories that are gone: a new one with that number is new.
         for key in [k for k in self._failed if k[1] not in disk.get(k[0], {})]:
             del self._failed[key]
+        for key in [k for k, f in self._flights.items() if f.future.done()]:
+            if key[1] not in disk.get(key[0], {}):
+                del self._flights[key]
         new = _Snapshot(
             MappingProxyType(servable), MappingProxyType(current), MappingProxyType(labels)
         )
@@ -258,7 +331,11 @@ class ModelRegistry:
         if sv is not None and self._signatures.get((name, version)) == sig:
             return sv
         failed = self._failed.get((name, version))
-        if failed is not None and failed.signature == sig:
+        if (
+            failed is not None
+            and failed.signature == sig
+            and (not failed.transient or time.monotonic() < failed.retry_at)
+        ):
             return None
         return await self._load(name, version, path, sig)
 
@@ -266,15 +343,28 @@ class ModelRegistry:
         self, name: str, version: int, path: Path, sig: Signature
     ) -> ServableVersion | None:
         key = (name, version)
+        flight = self._flights.get(key)
+        if flight is not None and not flight.future.done():
+            # Still blocked since an earlier scan: neither wait again nor start a second
+            # read of the same files; the failure recorded then still stands.
+            return None
         self._loading.add(key)
         start = time.perf_counter()
         try:
-            model = await asyncio.to_thread(repository.load_inside, self._dir, path)
-        except ModelFormatError as e:
+            if flight is None or flight.signature != sig:
+                flight = self._flights[key] = _Flight(sig, self._start_load(name, version, path))
+            done, _ = await asyncio.wait({flight.future}, timeout=self._load_timeout_s)
+            if not done:
+                raise TimeoutError(
+                    f"reading {path} has not finished after {self._load_timeout_s:g} s; "
+                    "still waiting for it"
+                )
+            del self._flights[key]
+            model = flight.future.result()
+        except Exception as e:
             elapsed = time.perf_counter() - start
-            self._failed[key] = _Failure(sig, e.reason, str(e))
-            self._metrics.version_failed(name, version, e.reason, elapsed)
-            log.error("model %s version %d rejected (%s): %s", name, version, e.reason, e)
+            after = await asyncio.to_thread(repository.signature, path)
+            self._fail(name, version, sig, e, changed=after != sig, elapsed=elapsed)
             return None
         finally:
             self._loading.discard(key)
@@ -284,6 +374,59 @@ class ModelRegistry:
         self._metrics.version_available(name, version, elapsed)
         log.info("model %s version %d loaded in %.3f s", name, version, elapsed)
         return ServableVersion(name, version, model, path, time.time())
+
+    def _start_load(self, name: str, version: int, path: Path) -> asyncio.Future[Model]:
+        """Run the loader on a daemon thread of its own (not the default executor: a read
+        stuck in the kernel must neither hold a pool worker nor block interpreter exit)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Model] = loop.create_future()
+        # Retrieve the outcome of a flight nobody awaits any more (its directory vanished).
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def settle(model: Model | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(model)  # type: ignore[arg-type]
+
+        def run() -> None:
+            try:
+                model, error = self._loader(self._dir, path), None
+            except Exception as e:  # every failure is the version's, never the thread's
+                model, error = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed while we were stuck
+                loop.call_soon_threadsafe(settle, model, error)
+
+        threading.Thread(target=run, name=f"load-{name}-{version}", daemon=True).start()
+        return future
+
+    def _fail(
+        self, name: str, version: int, sig: Signature, e: BaseException, *,
+        changed: bool, elapsed: float,
+    ) -> None:
+        """Record a failed load: classify it, schedule a retry if transient, log, count."""
+        key = (name, version)
+        reason, detail = _classify(e)
+        if changed and reason not in TRANSIENT_REASONS:
+            reason, detail = "transient_io", f"files changed while being read ({detail})"
+        previous = self._failed.get(key)
+        attempts = 1
+        retry_at = 0.0
+        if reason in TRANSIENT_REASONS:
+            if previous is not None and previous.transient and previous.signature == sig:
+                attempts = previous.attempts + 1
+            delay = min(self._retry_initial_s * 2 ** (attempts - 1), self._retry_max_s)
+            retry_at = time.monotonic() + delay
+            detail = f"{detail}; attempt {attempts}, retrying in {delay:.3g} s"
+        self._failed[key] = _Failure(sig, reason, detail, attempts, retry_at)
+        self._metrics.version_failed(name, version, reason, elapsed)
+        if reason == "internal":
+            log.error("model %s version %d rejected (internal): %s", name, version, detail,
+                      exc_info=e)
+        else:
+            log.error("model %s version %d rejected (%s): %s", name, version, reason, detail)
 
     def _choose_current(
         self, name: str, on_disk: Mapping[int, Path], kept: Mapping[int, ServableVersion]
@@ -395,7 +538,8 @@ class ModelRegistry:
                 elif failure is not None:
                     rows.append(
                         VersionStatus(
-                            v, VersionState.FAILED, failure.reason, failure.detail, names
+                            v, VersionState.FAILED, failure.reason, failure.detail, names,
+                            failure.attempts if failure.transient else 0,
                         )
                     )
                 elif (name, v) in self._admin_unloaded:
@@ -458,7 +602,7 @@ class ModelRegistry:
         change: the operator asked.
         """
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(repository.scan, self._dir)
+            self._disk = await self._scan_disk()
             self._version_on_disk(name, version)
             key = (name, version)
             self._admin_unloaded.discard(key)
@@ -506,7 +650,7 @@ class ModelRegistry:
         on disk, and the next publish moves everyone forward again.
         """
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(repository.scan, self._dir)
+            self._disk = await self._scan_disk()
             if version == 0:
                 if self._overrides.pop(name, None) is None and name not in self._disk:
                     raise NotFound(f"unknown model {name!r}; models: {sorted(self._disk)}")
@@ -536,7 +680,7 @@ class ModelRegistry:
         except ValueError as e:
             raise InvalidInput(str(e)) from None
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(repository.scan, self._dir)
+            self._disk = await self._scan_disk()
             labels = self._labels.setdefault(name, {})
             previous = labels.get(label)
             if version == 0:
@@ -559,3 +703,16 @@ class ModelRegistry:
 
             await self._require_available(name, version, undo)
         return self.model_status(name)
+
+
+def _classify(e: BaseException) -> tuple[str, str]:
+    """(reason, detail) for any exception a load raised: every one fails only its version."""
+    if isinstance(e, ModelFormatError):
+        return (e.reason if e.reason in REASONS else "internal"), str(e)
+    if isinstance(e, TimeoutError):
+        return "load_timeout", str(e)
+    if isinstance(e, TransientLoadError | OSError):
+        return "transient_io", str(e)
+    if isinstance(e, MemoryError):
+        return "out_of_memory", "not enough memory to load it"
+    return "internal", f"{type(e).__name__}: {str(e)[:200]}"
