@@ -166,14 +166,17 @@ class ModelRegistry:
         load_timeout_s: float = 60.0,
         retry_initial_s: float = 1.0,
         retry_max_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`loader(root, version_dir)` reads and validates one version (injectable, so tests
-        can make reads fail or block); it runs on a thread of its own per load."""
+        can make reads fail or block); it runs on a thread of its own per load. `clock`
+        times the retry backoff."""
         self._dir = model_dir
         self._loader = loader
         self._load_timeout_s = load_timeout_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
+        self._clock = clock
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._refused: set[tuple[str, str]] = set()
         self._metrics = metrics
@@ -334,7 +337,7 @@ class ModelRegistry:
         if (
             failed is not None
             and failed.signature == sig
-            and (not failed.transient or time.monotonic() < failed.retry_at)
+            and (not failed.transient or self._clock() < failed.retry_at)
         ):
             return None
         return await self._load(name, version, path, sig)
@@ -418,7 +421,7 @@ class ModelRegistry:
             if previous is not None and previous.transient and previous.signature == sig:
                 attempts = previous.attempts + 1
             delay = min(self._retry_initial_s * 2 ** (attempts - 1), self._retry_max_s)
-            retry_at = time.monotonic() + delay
+            retry_at = self._clock() + delay
             detail = f"{detail}; attempt {attempts}, retrying in {delay:.3g} s"
         self._failed[key] = _Failure(sig, reason, detail, attempts, retry_at)
         self._metrics.version_failed(name, version, reason, elapsed)
