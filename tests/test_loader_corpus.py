@@ -19,6 +19,7 @@ case that regressed.
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.loader_corpus import CASES, GROUPS, Case, Ctx, good_version, remove
 from versions_util import tiny_model
 
+from service import repository
+from service.model import ModelFormatError
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -41,6 +44,38 @@ def test_corpus_is_broad() -> None:
     """The issue asks for at least 50 distinct cases across these groups."""
     assert len(CASES) >= 50
     assert set(GROUPS) == {"zip", "npy", "array", "metadata", "checksum", "filetype", "dirname"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.group}-{c.id}")
+def test_case_is_refused_with_its_reason(case: Case, tmp_path: Path) -> None:
+    """Each case alone, straight through the loader: one refusal with the case's reason, or
+    (directory names) refused by the scan. Run on a thread with a bound, so a loader that
+    blocks (a FIFO opened for reading) fails the case instead of hanging the suite."""
+    ctx = Ctx(tmp_path / "repo", tmp_path / "outside")
+    ctx.outside.mkdir()
+    model_dir = ctx.repo / "m"
+    model_dir.mkdir(parents=True)
+    created = case.build(ctx, model_dir, 2)
+    if case.named:
+        found = repository.scan(ctx.repo)
+        assert found.versions == {"m": {}}
+        assert list(found.refused) == [("m", created.name[:40])]
+        return
+    outcome: list[BaseException | object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(repository.load_inside(ctx.repo, created))
+        except BaseException as e:  # the outcome is what the test checks
+            outcome.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the loader blocked"
+    (error,) = outcome
+    assert isinstance(error, ModelFormatError), f"raised {error!r}"
+    assert error.reason in case.reasons, str(error)
 
 
 def _check(
