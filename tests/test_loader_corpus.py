@@ -32,6 +32,7 @@ from support.loader_corpus import CASES, GROUPS, Case, Ctx, good_version, remove
 from versions_util import tiny_model
 
 from service import repository
+from service.client_cli import main as client_main
 from service.model import ModelFormatError
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
@@ -148,7 +149,10 @@ def _serving(target: str) -> int:
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_corpus(group: str, tmp_path: Path, start: Callable[..., ServerThread]) -> None:
+def test_corpus(
+    group: str, tmp_path: Path, start: Callable[..., ServerThread],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     cases = [c for c in CASES if c.group == group]
     ctx = Ctx(tmp_path / "repo", tmp_path / "outside")
     ctx.outside.mkdir()
@@ -170,6 +174,14 @@ def test_corpus(group: str, tmp_path: Path, start: Callable[..., ServerThread]) 
         rescan()  # not retried while the files stay the same: still counted once
         problems += _check(server, stub, cases, broken=2, serving=1, rejected=1)
         assert not problems, "cold start:\n" + "\n".join(problems)
+        capsys.readouterr()
+        assert client_main(["--target", server.target, "models"]) == 0
+        shown = capsys.readouterr().out.split("\n")
+        for case in cases:  # `mnist-client models` prints each model, then its versions
+            (at,) = [i for i, line in enumerate(shown) if line.startswith(f"{case.id}  current 1 ")]
+            block = shown[at + 1:at + 4]
+            failed = [f"  version 2  FAILED  ({r})" for r in case.reasons]
+            assert case.named or set(failed) & set(block), (case.id, block)
 
         for case in cases:
             _fix(ctx, case, created[case.id], 2)
