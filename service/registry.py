@@ -8,13 +8,10 @@ and only then swaps one reference (`_Snapshot`) that every request reads. A batc
 holds a `ServableVersion` keeps using it; it is freed when the last holder drops it.
 
 A version that fails to load, whatever raised, is FAILED with a reason from the fixed set in
-`service.model.REASONS`. A permanent failure (the files are wrong) is remembered with its
-file signature and not retried until its files change; a transient one (EIO, ESTALE, files
-that changed while being read, a read that did not finish in `load_timeout_s`) is retried
-on later scans with exponential backoff, as TF Serving retries loads. Each load runs on a
-thread of its own and is awaited for at most `load_timeout_s`: a read blocked in the kernel
-(a hung network mount) costs one scan that long once, and never blocks the other models.
-A loaded version whose directory disappears stays servable until the scan
+`service.model.REASONS` and fails alone: the scan goes on with every other version and model.
+A permanent failure (the files are wrong) is not retried until its files change; a transient
+one is retried with backoff (`service.loading`, which also bounds how long a scan waits for
+one load). A loaded version whose directory disappears stays servable until the scan
 has loaded whatever replaces it (availability first, like TF Serving's
 availability-preserving policy), then it is released.
 
@@ -29,7 +26,6 @@ import contextlib
 import enum
 import logging
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,14 +34,9 @@ from types import MappingProxyType
 
 from service import repository
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from service.loading import Loader, Loads
 from service.metrics import Metrics
-from service.model import (
-    REASONS,
-    TRANSIENT_REASONS,
-    Model,
-    ModelFormatError,
-    TransientLoadError,
-)
+from service.model import Model
 from service.repository import Signature
 from service.version_policy import (
     Policies,
@@ -113,32 +104,6 @@ class _Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
-class _Failure:
-    """A failed load. A permanent one waits for new files; a transient one for `retry_at`."""
-
-    signature: Signature
-    reason: str
-    detail: str
-    attempts: int = 1
-    retry_at: float = 0.0
-
-    @property
-    def transient(self) -> bool:
-        return self.reason in TRANSIENT_REASONS
-
-
-@dataclass(slots=True)
-class _Flight:
-    """A load running on its own thread; it outlives a scan that stopped waiting for it."""
-
-    signature: Signature
-    future: asyncio.Future[Model]
-
-
-Loader = Callable[[Path, Path], Model]
-
-
-@dataclass(frozen=True, slots=True)
 class _Override:
     """An admin SetCurrentVersion: holds until cleared or a version newer than `newest` loads."""
 
@@ -169,15 +134,12 @@ class ModelRegistry:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`loader(root, version_dir)` reads and validates one version (injectable, so tests
-        can make reads fail or block); it runs on a thread of its own per load. `clock`
-        times the retry backoff."""
+        can make reads fail or block); the other load arguments go to `service.loading`."""
         self._dir = model_dir
-        self._loader = loader
-        self._load_timeout_s = load_timeout_s
-        self._retry_initial_s = retry_initial_s
-        self._retry_max_s = retry_max_s
-        self._clock = clock
-        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._loads = Loads(
+            model_dir, metrics, loader, timeout_s=load_timeout_s,
+            retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, clock=clock,
+        )
         self._refused: set[tuple[str, str]] = set()
         self._metrics = metrics
         self._interval = rescan_interval_s
@@ -189,8 +151,8 @@ class ModelRegistry:
         self._snapshot = _EMPTY
         self._disk: dict[str, dict[int, Path]] = {}
         self._signatures: dict[tuple[str, int], Signature] = {}
-        self._failed: dict[tuple[str, int], _Failure] = {}
-        self._loading: set[tuple[str, int]] = set()
+        self._failed = self._loads.failed  # read and (admin retries) cleared here
+        self._loading = self._loads.loading
         self._admin_loaded: set[tuple[str, int]] = set()
         self._admin_unloaded: set[tuple[str, int]] = set()
         self._overrides: dict[str, _Override] = {}
@@ -287,11 +249,7 @@ class ModelRegistry:
                 {k: v for k, v in self._labels.get(name, {}).items() if v in kept}
             )
         # Forget failures of directories that are gone: a new one with that number is new.
-        for key in [k for k in self._failed if k[1] not in disk.get(k[0], {})]:
-            del self._failed[key]
-        for key in [k for k, f in self._flights.items() if f.future.done()]:
-            if key[1] not in disk.get(key[0], {}):
-                del self._flights[key]
+        self._loads.forget(lambda key: key[1] in disk.get(key[0], {}))
         new = _Snapshot(
             MappingProxyType(servable), MappingProxyType(current), MappingProxyType(labels)
         )
@@ -333,12 +291,7 @@ class ModelRegistry:
         sv = loaded.get(version)
         if sv is not None and self._signatures.get((name, version)) == sig:
             return sv
-        failed = self._failed.get((name, version))
-        if (
-            failed is not None
-            and failed.signature == sig
-            and (not failed.transient or self._clock() < failed.retry_at)
-        ):
+        if not self._loads.due((name, version), sig):
             return None
         return await self._load(name, version, path, sig)
 
@@ -346,90 +299,15 @@ class ModelRegistry:
         self, name: str, version: int, path: Path, sig: Signature
     ) -> ServableVersion | None:
         key = (name, version)
-        flight = self._flights.get(key)
-        if flight is not None and not flight.future.done():
-            # Still blocked since an earlier scan: neither wait again nor start a second
-            # read of the same files; the failure recorded then still stands.
-            return None
-        self._loading.add(key)
         start = time.perf_counter()
-        try:
-            if flight is None or flight.signature != sig:
-                flight = self._flights[key] = _Flight(sig, self._start_load(name, version, path))
-            done, _ = await asyncio.wait({flight.future}, timeout=self._load_timeout_s)
-            if not done:
-                raise TimeoutError(
-                    f"reading {path} has not finished after {self._load_timeout_s:g} s; "
-                    "still waiting for it"
-                )
-            del self._flights[key]
-            model = flight.future.result()
-        except Exception as e:
-            elapsed = time.perf_counter() - start
-            after = await asyncio.to_thread(repository.signature, path)
-            self._fail(name, version, sig, e, changed=after != sig, elapsed=elapsed)
+        model = await self._loads.load(key, path, sig)
+        if model is None:
             return None
-        finally:
-            self._loading.discard(key)
         elapsed = time.perf_counter() - start
-        self._failed.pop(key, None)
         self._signatures[key] = sig
         self._metrics.version_available(name, version, elapsed)
         log.info("model %s version %d loaded in %.3f s", name, version, elapsed)
         return ServableVersion(name, version, model, path, time.time())
-
-    def _start_load(self, name: str, version: int, path: Path) -> asyncio.Future[Model]:
-        """Run the loader on a daemon thread of its own (not the default executor: a read
-        stuck in the kernel must neither hold a pool worker nor block interpreter exit)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Model] = loop.create_future()
-        # Retrieve the outcome of a flight nobody awaits any more (its directory vanished).
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-        def settle(model: Model | None, error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(model)  # type: ignore[arg-type]
-
-        def run() -> None:
-            try:
-                model, error = self._loader(self._dir, path), None
-            except Exception as e:  # every failure is the version's, never the thread's
-                model, error = None, e
-            with contextlib.suppress(RuntimeError):  # the loop closed while we were stuck
-                loop.call_soon_threadsafe(settle, model, error)
-
-        threading.Thread(target=run, name=f"load-{name}-{version}", daemon=True).start()
-        return future
-
-    def _fail(
-        self, name: str, version: int, sig: Signature, e: BaseException, *,
-        changed: bool, elapsed: float,
-    ) -> None:
-        """Record a failed load: classify it, schedule a retry if transient, log, count."""
-        key = (name, version)
-        reason, detail = _classify(e)
-        if changed and reason not in TRANSIENT_REASONS:
-            reason, detail = "transient_io", f"files changed while being read ({detail})"
-        previous = self._failed.get(key)
-        attempts = 1
-        retry_at = 0.0
-        if reason in TRANSIENT_REASONS:
-            if previous is not None and previous.transient and previous.signature == sig:
-                attempts = previous.attempts + 1
-            delay = min(self._retry_initial_s * 2 ** (attempts - 1), self._retry_max_s)
-            retry_at = self._clock() + delay
-            detail = f"{detail}; attempt {attempts}, retrying in {delay:.3g} s"
-        self._failed[key] = _Failure(sig, reason, detail, attempts, retry_at)
-        self._metrics.version_failed(name, version, reason, elapsed)
-        if reason == "internal":
-            log.error("model %s version %d rejected (internal): %s", name, version, detail,
-                      exc_info=e)
-        else:
-            log.error("model %s version %d rejected (%s): %s", name, version, reason, detail)
 
     def _choose_current(
         self, name: str, on_disk: Mapping[int, Path], kept: Mapping[int, ServableVersion]
@@ -707,15 +585,3 @@ class ModelRegistry:
             await self._require_available(name, version, undo)
         return self.model_status(name)
 
-
-def _classify(e: BaseException) -> tuple[str, str]:
-    """(reason, detail) for any exception a load raised: every one fails only its version."""
-    if isinstance(e, ModelFormatError):
-        return (e.reason if e.reason in REASONS else "internal"), str(e)
-    if isinstance(e, TimeoutError):
-        return "load_timeout", str(e)
-    if isinstance(e, TransientLoadError | OSError):
-        return "transient_io", str(e)
-    if isinstance(e, MemoryError):
-        return "out_of_memory", "not enough memory to load it"
-    return "internal", f"{type(e).__name__}: {str(e)[:200]}"
