@@ -114,7 +114,12 @@ class Loads:
         flight = self._flights.get(key)
         if flight is not None and not flight.future.done():
             # Still blocked since an earlier scan: neither wait again nor start a second
-            # read of the same version; the failure recorded then still stands.
+            # read of the same version; the failure recorded then stands (restored if an
+            # admin retry cleared it).
+            self.failed.setdefault(key, Failure(
+                flight.signature, "load_timeout",
+                f"an earlier read of {path} has not finished; still waiting for it",
+            ))
             return None
         self.loading.add(key)
         start = time.perf_counter()

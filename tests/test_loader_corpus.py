@@ -33,7 +33,7 @@ from versions_util import tiny_model
 
 from service import repository
 from service.client_cli import main as client_main
-from service.model import ModelFormatError
+from service.model import REASONS, ModelFormatError
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -174,6 +174,14 @@ def test_corpus(
         rescan()  # not retried while the files stay the same: still counted once
         problems += _check(server, stub, cases, broken=2, serving=1, rejected=1)
         assert not problems, "cold start:\n" + "\n".join(problems)
+        reasons = {
+            sample.labels["reason"]
+            for family in server.metrics.registry.collect()
+            if family.name == "mnist_model_rejected_versions"
+            for sample in family.samples
+        }
+        assert reasons, "no rejection counted"
+        assert reasons <= REASONS, f"reason labels outside the fixed set: {reasons - REASONS}"
         capsys.readouterr()
         assert client_main(["--target", server.target, "models"]) == 0
         shown = capsys.readouterr().out.split("\n")
