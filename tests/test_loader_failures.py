@@ -27,6 +27,7 @@ from support.loader_corpus import good_version
 from versions_util import publish_tiny
 
 from service import repository
+from service.errors import FailedPrecondition
 from service.metrics import Metrics
 from service.model import CHECKSUM_FILE, WEIGHTS_FILE, Model, ModelFormatError, load_model
 from service.pb.mnist.v1 import classifier_pb2 as pb
@@ -226,6 +227,9 @@ def test_blocked_read_does_not_freeze_other_models(tmp_path: Path) -> None:
         assert loader.calls["a/2"] == 1, "a second read of the blocked files was started"
         labels = {"model": "a", "reason": "load_timeout"}
         assert prom.get_sample_value(REJECTED, labels) == 1
+        with pytest.raises(FailedPrecondition, match="load_timeout"):  # an admin retry
+            await asyncio.wait_for(reg.load_version("a", 2), 30)
+        assert loader.calls["a/2"] == 1
         release.set()
         for _ in range(100):  # the stuck thread settles its future on the loop
             await asyncio.sleep(0.01)
