@@ -22,8 +22,9 @@ from typing import Any
 import grpc
 import pytest
 from conftest import ServerThread
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from support.loader_corpus import good_version
+from support.loader_corpus import CASES, Ctx, good_version
 from versions_util import publish_tiny
 
 from service import repository
@@ -327,3 +328,30 @@ def test_fifo_does_not_block_the_loader(tmp_path: Path) -> None:
     (error,) = outcome
     assert isinstance(error, ModelFormatError)
     assert error.reason == "not_regular_file"
+
+
+def test_nothing_loadable_still_starts(tmp_path: Path, start: Callable[..., ServerThread]) -> None:
+    """Only broken versions (a FIFO, an encrypted member): the server starts NOT_SERVING
+    with the reasons visible, and serves once a good version is published."""
+    ctx = Ctx(tmp_path, tmp_path / "outside")
+    by_id = {c.id: c for c in CASES}
+    by_id["weights_fifo"].build(ctx, tmp_path / "mnist", 1)
+    by_id["encrypted_flag"].build(ctx, tmp_path / "mnist", 2)
+    server = start(tmp_path, rescan_interval_s=0)
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = pb_grpc.ClassifierStub(channel)
+        (info,) = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert [(v.version, v.reason) for v in info.versions] == [
+            (1, "not_regular_file"), (2, "encrypted")
+        ]
+        publish_tiny(tmp_path, seed=3)
+        server.call(server.running.registry.rescan())
+        for _ in range(100):  # health follows the registry on the server's loop
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            threading.Event().wait(0.05)
+        assert status == health_pb2.HealthCheckResponse.SERVING
