@@ -548,6 +548,11 @@ class Metrics:
         self.load_duration.labels(model).observe(load_s)
         self.rejected.labels(model, reason).inc()
 
+    def name_refused(self, model: str, reason: str) -> None:
+        """A repository entry that cannot be a version (or model): counted, never loaded."""
+        if self.enabled:
+            self.rejected.labels(model, reason).inc()
+
     def version_unloaded(self, model: str, version: int) -> None:
         """Drop the version's series so dashboards show only what serves.
 

@@ -17,13 +17,17 @@ docs/model-format.md is the full description.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import stat
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +47,23 @@ HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 # Refuse anything bigger before reading it: a 784-4096-4096-10 float32 MLP is ~80 MiB.
 MAX_MODEL_BYTES = 256 * 1024 * 1024
+# The checksum file is one line ("<64 hex>  model.npz"); anything past this is not one.
+MAX_CHECKSUM_BYTES = 4096
+# Metadata is rendered into every ListModels / GetModelInfo answer and walked by the
+# servicers, so it is bounded in bytes, nesting and string length (a trained model's is
+# ~40 KiB, 4 deep, longest string ~200 characters).
+MAX_METADATA_BYTES = 256 * 1024
+MAX_METADATA_DEPTH = 32
+MAX_METADATA_STRING_CHARS = 4096
+MAX_LABEL_CHARS = 64
+# Integers in metadata must fit an int64 (the servicer turns numbers into doubles/int64).
+_METADATA_INT_LIMIT = 2**63
+MAX_LAYERS = 64
+MAX_PROBES = 1024
+# W0..W{L-1}, b0..b{L-1}, probe_inputs, probe_outputs, metadata.
+MAX_MEMBERS = 2 * MAX_LAYERS + 3
+# Only the methods np.savez (stored) and np.savez_compressed (deflate) write.
+_COMPRESSION = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 # How closely a loaded model must reproduce the outputs the trainer recorded.
 PROBE_ATOL = 1e-5
 PROBE_RTOL = 1e-4
@@ -65,12 +86,36 @@ _REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
 }
 
 
+# Why a version is not served: the only values of a version's `reason` and of the
+# `reason` label of mnist_model_rejected_versions_total. Permanent ones say the files are
+# wrong (not retried until they change); transient ones say reading them failed for a
+# reason outside the files (retried with backoff). docs/model-format.md explains each.
+PERMANENT_REASONS = frozenset({
+    "missing_file", "not_a_directory", "not_regular_file", "symlink_loop", "unsafe_path",
+    "unreadable", "too_large", "checksum", "not_npz", "truncated", "corrupt", "encrypted",
+    "compression", "too_many_members", "duplicate_member", "unexpected_key", "missing_key",
+    "pickle", "dtype", "shape", "input_size", "not_finite", "metadata", "probe_mismatch",
+    "version_name", "model_name", "internal",
+})
+TRANSIENT_REASONS = frozenset({"transient_io", "load_timeout", "out_of_memory"})
+REASONS = PERMANENT_REASONS | TRANSIENT_REASONS
+
+
 class ModelFormatError(ValueError):
-    """A model file that must not be served. `reason` is a short, bounded slug (a metric label)."""
+    """A model file that must not be served. `reason` is a short, bounded slug (a metric label).
+
+    The message may name paths: it is for the log and the admin API, never for the
+    unauthenticated APIs, which show only `reason`.
+    """
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = reason if reason in PERMANENT_REASONS else "internal"
+
+
+class TransientLoadError(Exception):
+    """Reading a version failed for a reason outside its files (EIO, ESTALE, a file that
+    changed while being read): the same files may well load if tried again later."""
 
 
 # --- the forward pass ---------------------------------------------------------------------
@@ -238,40 +283,118 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def load_model(directory: Path, *, max_bytes: int = MAX_MODEL_BYTES) -> Model:
-    """Load and fully validate the model in a version directory, or raise ModelFormatError."""
-    path = directory / WEIGHTS_FILE
-    data = _read_bounded(path, max_bytes)
-    expected = _read_checksum(directory / CHECKSUM_FILE)
+    """Load and fully validate the model in a version directory, or raise ModelFormatError.
+
+    Symlinks are followed (to wherever they lead; `repository.load_inside` is the variant
+    that keeps them inside the repository). Raises TransientLoadError when reading failed
+    for a reason that may pass.
+    """
+    return load_files(
+        Path(os.path.realpath(directory / WEIGHTS_FILE)),
+        Path(os.path.realpath(directory / CHECKSUM_FILE)),
+        max_bytes=max_bytes,
+    )
+
+
+def load_files(weights: Path, checksum: Path, *, max_bytes: int = MAX_MODEL_BYTES) -> Model:
+    """Load and validate `weights` against `checksum`; both are real paths (no final symlink).
+
+    Every exception it raises is a ModelFormatError (the files are wrong) or a
+    TransientLoadError (reading them failed); anything else is a bug in this module.
+    """
+    data = read_regular_file(weights, max_bytes)
+    expected = _read_checksum(checksum)
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ModelFormatError(
-            "checksum", f"{path}: sha256 is {actual}, {CHECKSUM_FILE} expects {expected}"
+            "checksum", f"{weights}: sha256 is {actual}, {CHECKSUM_FILE} expects {expected}"
         )
-    arrays = _read_npz(data, path, max_bytes)
-    return _from_arrays(arrays, path)
+    arrays = _read_npz(data, weights, max_bytes)
+    return _from_arrays(arrays, weights)
 
 
-def _read_bounded(path: Path, max_bytes: int) -> bytes:
+# errno -> reason for errors that say the file itself is wrong; any other errno (EIO,
+# ESTALE, ETIMEDOUT, EMFILE, ...) is transient.
+_PERMANENT_ERRNOS: Mapping[int, str] = MappingProxyType({
+    errno.ENOENT: "missing_file",
+    errno.ENOTDIR: "not_a_directory",
+    errno.ELOOP: "symlink_loop",
+    errno.EACCES: "unreadable",
+    errno.EPERM: "unreadable",
+    errno.ENAMETOOLONG: "unreadable",
+    errno.EISDIR: "not_regular_file",
+    errno.ENXIO: "not_regular_file",  # a socket, or a device with no driver
+    errno.ENODEV: "not_regular_file",
+})
+
+
+def os_error(path: Path, e: OSError) -> Exception:
+    """The load error an OSError on `path` stands for: permanent by errno, else transient."""
+    reason = _PERMANENT_ERRNOS.get(e.errno or 0)
+    what = e.strerror or str(e)
+    if reason is None:
+        code = errno.errorcode.get(e.errno or 0, "?")
+        return TransientLoadError(f"{path}: {what} ({code})")
+    return ModelFormatError(reason, f"{path}: {what}")
+
+
+def read_regular_file(path: Path, max_bytes: int, *, too_large: str = "too_large") -> bytes:
+    """The bytes of `path` if it is a regular file of at most `max_bytes`, read with a bound.
+
+    Opened with O_NONBLOCK (a FIFO or a device must not block the loader) and O_NOFOLLOW
+    (the caller resolved the path; a symlink here is a loop or a race), then fstat'ed: only
+    regular files are read, and only up to the size they declare plus one byte, so a file
+    that grows while read is noticed rather than read without end.
+    """
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ModelFormatError(
-                "too_large", f"{path}: {size} bytes, more than the {max_bytes} allowed"
-            )
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ModelFormatError("missing_file", f"{path}: no such file") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise ModelFormatError("unreadable", f"{path}: {e.strerror or e}") from None
+        raise os_error(path, e) from None
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelFormatError(
+                    "not_regular_file", f"{path}: a {_file_kind(st.st_mode)}, not a regular file"
+                )
+            if st.st_size > max_bytes:
+                raise ModelFormatError(
+                    too_large, f"{path}: {st.st_size} bytes, more than the {max_bytes} allowed"
+                )
+            data = f.read(st.st_size + 1) or b""
+            if len(data) < st.st_size:  # a short read (network file systems): finish it
+                parts, got = [data], len(data)
+                while got <= st.st_size:
+                    chunk = f.read(st.st_size + 1 - got)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    got += len(chunk)
+                data = b"".join(parts)
+    except OSError as e:
+        raise os_error(path, e) from None
+    if len(data) != st.st_size:
+        raise TransientLoadError(
+            f"{path}: changed while being read ({st.st_size} bytes at open, "
+            f"{'more' if len(data) > st.st_size else len(data)} read)"
+        )
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+        (stat.S_ISLNK, "symlink"),
+    ):
+        if test(mode):
+            return kind
+    return f"file of mode {mode:o}"
 
 
 def _read_checksum(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        raise ModelFormatError("missing_file", f"{path}: no such file") from None
-    except OSError as e:
-        raise ModelFormatError("unreadable", f"{path}: {e.strerror or e}") from None
+    raw = read_regular_file(path, MAX_CHECKSUM_BYTES, too_large="checksum")
+    text = raw.decode("ascii", errors="replace")
     digest = text.split()[0].lower() if text.split() else ""
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ModelFormatError(
@@ -281,7 +404,11 @@ def _read_checksum(path: Path) -> str:
 
 
 def _read_npz(data: bytes, path: Path, max_bytes: int) -> dict[str, np.ndarray[Any, Any]]:
-    """Read every member, checking each header before allocating what it declares."""
+    """Read every member, checking the directory and each header before allocating."""
+    # zipfile builds one object per central-directory entry, and each needs this
+    # signature: count them before parsing (a 256 MiB file could declare millions).
+    if data.count(b"PK\x01\x02") > 8 * MAX_MEMBERS:
+        raise ModelFormatError("too_many_members", f"{path}: far more zip entries than a model has")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
@@ -290,26 +417,62 @@ def _read_npz(data: bytes, path: Path, max_bytes: int) -> dict[str, np.ndarray[A
                 "truncated", f"{path}: zip archive cut short ({len(data)} bytes)"
             ) from None
         raise ModelFormatError("not_npz", f"{path}: not a zip archive (npz)") from None
+    except (ValueError, OSError, EOFError, struct.error, zipfile.LargeZipFile) as e:
+        raise ModelFormatError("corrupt", f"{path}: damaged zip directory: {e}") from None
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     try:
         with zf:
-            for info in zf.infolist():
+            infos = zf.infolist()
+            _check_members(infos, path, max_bytes)
+            for info in infos:
                 name = info.filename.removesuffix(".npy")
-                if info.filename == name or "/" in name:
-                    raise ModelFormatError(
-                        "unexpected_key", f"{path}: unexpected member {info.filename!r}"
-                    )
-                if info.file_size > max_bytes:
-                    raise ModelFormatError(
-                        "too_large", f"{path}: member {name} declares {info.file_size} bytes"
-                    )
                 with zf.open(info) as f:
                     arrays[name] = _read_member(f, info.file_size, name, path, max_bytes)
     except ModelFormatError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (
+        zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib.error,
+        struct.error, NotImplementedError, RuntimeError,
+    ) as e:
+        # RuntimeError: a member flagged encrypted; NotImplementedError: a compression
+        # method zipfile lacks; zlib.error: a damaged deflate stream. Checked up front,
+        # but a damaged local header can still disagree with the directory.
         raise ModelFormatError("corrupt", f"{path}: damaged archive: {e}") from None
     return arrays
+
+
+def _check_members(infos: list[zipfile.ZipInfo], path: Path, max_bytes: int) -> None:
+    """The zip directory, before reading any member: names, count, flags, method, sizes."""
+    if len(infos) > MAX_MEMBERS:
+        raise ModelFormatError(
+            "too_many_members", f"{path}: {len(infos)} members, at most {MAX_MEMBERS} allowed"
+        )
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        name = info.filename.removesuffix(".npy")
+        if info.filename == name or "/" in name or "\\" in name or not name.isascii():
+            raise ModelFormatError(
+                "unexpected_key", f"{path}: unexpected member {info.filename[:80]!r}"
+            )
+        if name in seen:
+            raise ModelFormatError("duplicate_member", f"{path}: member {name} appears twice")
+        seen.add(name)
+        if info.flag_bits & 0x1:
+            raise ModelFormatError("encrypted", f"{path}: member {name} is encrypted")
+        if info.compress_type not in _COMPRESSION:
+            raise ModelFormatError(
+                "compression",
+                f"{path}: member {name} uses compression method {info.compress_type}; "
+                f"only {sorted(_COMPRESSION.values())} are read",
+            )
+        total += info.file_size
+        if info.file_size > max_bytes or total > max_bytes:
+            raise ModelFormatError(
+                "too_large",
+                f"{path}: members declare {total} bytes uncompressed, more than the "
+                f"{max_bytes} allowed",
+            )
 
 
 def _read_member(
@@ -354,10 +517,20 @@ def _from_arrays(arrays: Mapping[str, np.ndarray[Any, Any]], path: Path) -> Mode
         raise ModelFormatError(
             "metadata", f"{path}: metadata must be uint8 UTF-8 JSON, got {meta_raw.dtype}"
         )
+    if meta_raw.size > MAX_METADATA_BYTES:
+        raise ModelFormatError(
+            "metadata",
+            f"{path}: metadata is {meta_raw.size} bytes, at most {MAX_METADATA_BYTES} allowed",
+        )
     try:
         metadata = json.loads(meta_raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError("metadata", f"{path}: metadata is not UTF-8 JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError covers bad UTF-8, bad JSON and integers past Python's digit limit;
+        # RecursionError, arrays nested thousands deep.
+        raise ModelFormatError(
+            "metadata", f"{path}: metadata is not UTF-8 JSON: {str(e)[:200]}"
+        ) from None
+    _check_json_bounds(metadata, path)
     _check_metadata(metadata, path)
 
     n_layers = len(metadata["layer_sizes"]) - 1
@@ -407,10 +580,67 @@ def _check_metadata(metadata: Any, path: Path) -> None:
             f"this reader knows {FORMAT_VERSION}",
         )
     sizes = metadata["layer_sizes"]
-    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+    if not 2 <= len(sizes) <= MAX_LAYERS + 1 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+    ):
         raise ModelFormatError(
-            "metadata", f"{path}: layer_sizes must be two or more positive ints, got {sizes}"
+            "metadata",
+            f"{path}: layer_sizes must be 2 to {MAX_LAYERS + 1} positive ints, "
+            f"got {str(sizes)[:200]}",
         )
+    labels = metadata["labels"]
+    if len(labels) != NUM_CLASSES or not all(
+        isinstance(label, str) and 0 < len(label) <= MAX_LABEL_CHARS for label in labels
+    ):
+        raise ModelFormatError(
+            "metadata",
+            f"{path}: labels must be {NUM_CLASSES} strings of 1 to {MAX_LABEL_CHARS} "
+            f"characters, got {str(labels)[:200]}",
+        )
+
+
+def _check_json_bounds(value: Any, path: Path) -> None:
+    """Bounds every servicer relies on when it renders metadata into an answer.
+
+    Nesting (json.dumps and the metrics flattening recurse), string length and encoding
+    (a lone surrogate such as "\\ud800" parses but cannot be sent as a protobuf string),
+    and integer range (a 4000-digit integer cannot become a double). Iterative, so depth
+    itself cannot overflow the stack here.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise ModelFormatError(
+                "metadata", f"{path}: metadata nests deeper than {MAX_METADATA_DEPTH} levels"
+            )
+        if isinstance(item, dict):
+            for key, child in item.items():
+                _check_json_string(key, path)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            _check_json_string(item, path)
+        elif isinstance(item, int) and not -_METADATA_INT_LIMIT <= item < _METADATA_INT_LIMIT:
+            raise ModelFormatError(
+                "metadata", f"{path}: metadata holds an integer outside the int64 range"
+            )
+
+
+def _check_json_string(text: str, path: Path) -> None:
+    if len(text) > MAX_METADATA_STRING_CHARS:
+        raise ModelFormatError(
+            "metadata",
+            f"{path}: a metadata string of {len(text)} characters "
+            f"(at most {MAX_METADATA_STRING_CHARS})",
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ModelFormatError(
+            "metadata", f"{path}: metadata string {text[:40]!r} is not valid Unicode text"
+        ) from None
 
 
 def _validate(model: Model, path: Path | str = "<model>", declared_sizes: Any = None) -> None:
@@ -465,9 +695,11 @@ def _validate(model: Model, path: Path | str = "<model>", declared_sizes: Any = 
 
 def _check_probes(model: Model, path: Path | str) -> None:
     x, y = model.probe_inputs, model.probe_outputs
-    if x.ndim != 2 or x.shape[1] != INPUT_SIZE or x.shape[0] < 1:
+    if x.ndim != 2 or x.shape[1] != INPUT_SIZE or not 1 <= x.shape[0] <= MAX_PROBES:
         raise ModelFormatError(
-            "shape", f"{path}: probe_inputs must have shape (k>=1, {INPUT_SIZE}), got {x.shape}"
+            "shape",
+            f"{path}: probe_inputs must have shape (1..{MAX_PROBES}, {INPUT_SIZE}), "
+            f"got {x.shape}",
         )
     if y.shape != (x.shape[0], NUM_CLASSES):
         raise ModelFormatError(

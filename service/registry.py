@@ -7,8 +7,11 @@ an admin SetCurrentVersion), loads the missing ones off the event loop, validate
 and only then swaps one reference (`_Snapshot`) that every request reads. A batch that already
 holds a `ServableVersion` keeps using it; it is freed when the last holder drops it.
 
-A version that fails validation is remembered with its file signature and not retried until
-its files change. A loaded version whose directory disappears stays servable until the scan
+A version that fails to load, whatever raised, is FAILED with a reason from the fixed set in
+`service.model.REASONS` and fails alone: the scan goes on with every other version and model.
+A permanent failure (the files are wrong) is not retried until its files change; a transient
+one is retried with backoff (`service.loading`, which also bounds how long a scan waits for
+one load). A loaded version whose directory disappears stays servable until the scan
 has loaded whatever replaces it (availability first, like TF Serving's
 availability-preserving policy), then it is released.
 
@@ -31,8 +34,9 @@ from types import MappingProxyType
 
 from service import repository
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from service.loading import Loader, Loads
 from service.metrics import Metrics
-from service.model import Model, ModelFormatError
+from service.model import Model
 from service.repository import Signature
 from service.version_policy import (
     Policies,
@@ -65,13 +69,18 @@ class ServableVersion:
 
 @dataclass(frozen=True, slots=True)
 class VersionStatus:
-    """`reason` is the short slug of a failure (a metric label); `detail` the full message."""
+    """`reason` is the short slug of a failure (a metric label); `detail` the full message.
+
+    `detail` may name filesystem paths: log and admin API only, never an unauthenticated
+    answer. `retries` counts the failed attempts of a transient failure.
+    """
 
     version: int
     state: VersionState
     reason: str = ""
     detail: str = ""
     labels: tuple[str, ...] = ()
+    retries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +101,6 @@ class _Snapshot:
     servable: Mapping[str, Mapping[int, ServableVersion]]
     current: Mapping[str, int]
     labels: Mapping[str, Mapping[str, int]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    signature: Signature
-    reason: str
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +127,20 @@ class ModelRegistry:
         on_change: Callable[[], None] | None = None,
         version_policy: str = "latest",
         version_labels: str = "",
+        loader: Loader = repository.load_inside,
+        load_timeout_s: float = 60.0,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`loader(root, version_dir)` reads and validates one version (injectable, so tests
+        can make reads fail or block); the other load arguments go to `service.loading`."""
         self._dir = model_dir
+        self._loads = Loads(
+            model_dir, metrics, loader, timeout_s=load_timeout_s,
+            retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, clock=clock,
+        )
+        self._refused: set[tuple[str, str]] = set()
         self._metrics = metrics
         self._interval = rescan_interval_s
         self._default_model = default_model
@@ -137,8 +151,8 @@ class ModelRegistry:
         self._snapshot = _EMPTY
         self._disk: dict[str, dict[int, Path]] = {}
         self._signatures: dict[tuple[str, int], Signature] = {}
-        self._failed: dict[tuple[str, int], _Failure] = {}
-        self._loading: set[tuple[str, int]] = set()
+        self._failed = self._loads.failed  # read and (admin retries) cleared here
+        self._loading = self._loads.loading
         self._admin_loaded: set[tuple[str, int]] = set()
         self._admin_unloaded: set[tuple[str, int]] = set()
         self._overrides: dict[str, _Override] = {}
@@ -150,8 +164,12 @@ class ModelRegistry:
     # --- lifecycle
 
     async def start(self) -> None:
-        """Load what is there now, then keep rescanning on the interval."""
-        await self.rescan()
+        """Load what is there now, then keep rescanning on the interval.
+
+        Never raises for anything in the repository: a server with nothing loadable starts
+        NOT_SERVING and picks models up as they appear.
+        """
+        await self._rescan_logged()
         if self._interval > 0:
             self._task = asyncio.create_task(self._rescan_forever(), name="registry-rescan")
 
@@ -196,8 +214,21 @@ class ModelRegistry:
         async with self._scan_lock:
             await self._rescan_locked()
 
+    async def _scan_disk(self) -> dict[str, dict[int, Path]]:
+        found = await asyncio.to_thread(repository.scan, self._dir)
+        for model, name in found.refused.keys() - self._refused:
+            why = found.refused[(model, name)]
+            if name:
+                log.warning("model %s: ignoring directory %r: %s", model, name, why)
+                self._metrics.name_refused(model, "version_name")
+            else:
+                log.warning("ignoring model directory %r: %s", model, why)
+                self._metrics.name_refused("unknown", "model_name")
+        self._refused = set(found.refused)
+        return found.versions
+
     async def _rescan_locked(self) -> None:
-        disk = await asyncio.to_thread(repository.scan, self._dir)
+        disk = await self._scan_disk()
         self._disk = disk
         old = self._snapshot
         servable: dict[str, Mapping[int, ServableVersion]] = {}
@@ -205,7 +236,11 @@ class ModelRegistry:
         labels: dict[str, Mapping[str, int]] = {}
         for name in sorted(set(disk) | set(old.servable)):
             on_disk = disk.get(name, {})
-            kept = await self._scan_model(name, on_disk, old.servable.get(name, {}))
+            try:
+                kept = await self._scan_model(name, on_disk, old.servable.get(name, {}))
+            except Exception:  # a bug met by one model must not stop the others
+                log.exception("model %s: scan failed; keeping what it served", name)
+                kept = dict(old.servable.get(name, {}))
             if not kept:
                 continue
             servable[name] = MappingProxyType(kept)
@@ -214,8 +249,7 @@ class ModelRegistry:
                 {k: v for k, v in self._labels.get(name, {}).items() if v in kept}
             )
         # Forget failures of directories that are gone: a new one with that number is new.
-        for key in [k for k in self._failed if k[1] not in disk.get(k[0], {})]:
-            del self._failed[key]
+        self._loads.forget(lambda key: key[1] in disk.get(key[0], {}))
         new = _Snapshot(
             MappingProxyType(servable), MappingProxyType(current), MappingProxyType(labels)
         )
@@ -257,8 +291,7 @@ class ModelRegistry:
         sv = loaded.get(version)
         if sv is not None and self._signatures.get((name, version)) == sig:
             return sv
-        failed = self._failed.get((name, version))
-        if failed is not None and failed.signature == sig:
+        if not self._loads.due((name, version), sig):
             return None
         return await self._load(name, version, path, sig)
 
@@ -266,20 +299,11 @@ class ModelRegistry:
         self, name: str, version: int, path: Path, sig: Signature
     ) -> ServableVersion | None:
         key = (name, version)
-        self._loading.add(key)
         start = time.perf_counter()
-        try:
-            model = await asyncio.to_thread(repository.load_inside, self._dir, path)
-        except ModelFormatError as e:
-            elapsed = time.perf_counter() - start
-            self._failed[key] = _Failure(sig, e.reason, str(e))
-            self._metrics.version_failed(name, version, e.reason, elapsed)
-            log.error("model %s version %d rejected (%s): %s", name, version, e.reason, e)
+        model = await self._loads.load(key, path, sig)
+        if model is None:
             return None
-        finally:
-            self._loading.discard(key)
         elapsed = time.perf_counter() - start
-        self._failed.pop(key, None)
         self._signatures[key] = sig
         self._metrics.version_available(name, version, elapsed)
         log.info("model %s version %d loaded in %.3f s", name, version, elapsed)
@@ -395,7 +419,8 @@ class ModelRegistry:
                 elif failure is not None:
                     rows.append(
                         VersionStatus(
-                            v, VersionState.FAILED, failure.reason, failure.detail, names
+                            v, VersionState.FAILED, failure.reason, failure.detail, names,
+                            failure.attempts if failure.transient else 0,
                         )
                     )
                 elif (name, v) in self._admin_unloaded:
@@ -458,7 +483,7 @@ class ModelRegistry:
         change: the operator asked.
         """
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(repository.scan, self._dir)
+            self._disk = await self._scan_disk()
             self._version_on_disk(name, version)
             key = (name, version)
             self._admin_unloaded.discard(key)
@@ -506,7 +531,7 @@ class ModelRegistry:
         on disk, and the next publish moves everyone forward again.
         """
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(repository.scan, self._dir)
+            self._disk = await self._scan_disk()
             if version == 0:
                 if self._overrides.pop(name, None) is None and name not in self._disk:
                     raise NotFound(f"unknown model {name!r}; models: {sorted(self._disk)}")
@@ -536,7 +561,7 @@ class ModelRegistry:
         except ValueError as e:
             raise InvalidInput(str(e)) from None
         async with self._scan_lock:
-            self._disk = await asyncio.to_thread(repository.scan, self._dir)
+            self._disk = await self._scan_disk()
             labels = self._labels.setdefault(name, {})
             previous = labels.get(label)
             if version == 0:
@@ -559,3 +584,4 @@ class ModelRegistry:
 
             await self._require_available(name, version, undo)
         return self.model_status(name)
+
