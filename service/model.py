@@ -220,8 +220,8 @@ def build_model(
     probe_inputs: npt.ArrayLike,
 ) -> Model:
     """A Model from trained arrays; the probe outputs are computed here, by the shared pass."""
-    ws = tuple(_frozen(np.asarray(w, dtype=np.float32)) for w in weights)
-    bs = tuple(_frozen(np.asarray(b, dtype=np.float32)) for b in biases)
+    ws = tuple(_parameter(np.asarray(w, dtype=np.float32)) for w in weights)
+    bs = tuple(_parameter(np.asarray(b, dtype=np.float32)) for b in biases)
     probes = _frozen(np.asarray(probe_inputs, dtype=np.float32).reshape(-1, INPUT_SIZE))
     outputs = _frozen(forward(probes, ws, bs, activations, output))
     meta = dict(metadata)
@@ -238,6 +238,26 @@ def _frozen(a: Array) -> Array:
     a = np.ascontiguousarray(a)
     a.flags.writeable = False
     return a
+
+
+_SMALLEST_NORMAL = np.finfo(np.float32).tiny  # 1.18e-38
+
+
+def _parameter(a: Array) -> Array:
+    """A weight or bias array as the forward pass uses it: subnormal floats read as zero.
+
+    On x86 CPUs a matrix product over subnormal floats (|w| < 1.18e-38, which training with
+    weight decay leaves behind) runs on a slow microcode path: the committed default model had
+    3,284 of them, and its 256-row forward took 14 ms instead of 0.49 ms (bench/forward_bench.py)
+    -- any model file could slow the server ~30x that way. Their products are below float32's
+    resolution of any sum they join, so the answers do not change (probe outputs match to the
+    bit); trainer and server both build models through here, so they compute the same thing.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    subnormal = (a != 0) & (np.abs(a) < _SMALLEST_NORMAL)
+    if subnormal.any():
+        a = np.where(subnormal, np.float32(0), a)
+    return _frozen(a)
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -549,8 +569,8 @@ def _from_arrays(arrays: Mapping[str, np.ndarray[Any, Any]], path: Path) -> Mode
                 "dtype", f"{path}: {name} must be float32, got {array.dtype}"
             )
     model = Model(
-        weights=tuple(_frozen(arrays[f"W{i}"]) for i in range(n_layers)),
-        biases=tuple(_frozen(arrays[f"b{i}"]) for i in range(n_layers)),
+        weights=tuple(_parameter(arrays[f"W{i}"]) for i in range(n_layers)),
+        biases=tuple(_parameter(arrays[f"b{i}"]) for i in range(n_layers)),
         activations=tuple(metadata["activations"]),
         output=metadata["output"],
         probe_inputs=_frozen(arrays["probe_inputs"]),
