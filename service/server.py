@@ -93,6 +93,10 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port sharing only when asked: otherwise a second server on the port is an error.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        # No bandwidth-delay probing: it grows every stream's HTTP/2 window towards the whole
+        # message, so each of N callers had ~a request's bytes buffered in gRPC core before
+        # the server looked at it (RSS grew with the callers; docs/serving.md, "Overload").
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 
@@ -149,6 +153,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         max_batch_rows=settings.max_batch_rows,
         max_batch_wait_s=settings.max_batch_wait_s,
         max_queue_rows=settings.max_queue_rows,
+        max_queue_bytes=settings.max_queue_bytes,
         enabled=settings.batching,
         inline_max_rows=settings.inline_forward_max_rows,
     )
