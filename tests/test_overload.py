@@ -174,7 +174,8 @@ def test_bytes_held_never_pass_the_cap_whatever_the_number_of_callers(
     calls = [path.classify(raw) for _ in range(500)]
     queued = [c for c in calls if c.code is None]
     refused = [c for c in calls if c.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert len(queued) == 10 and len(refused) == 490
+    assert len(queued) == 10
+    assert len(refused) == 490
     held = path.sample("mnist_batch_queue_bytes")
     assert held == 10 * charge(raw) <= cap
     assert path.refused() == 490.0
@@ -383,9 +384,8 @@ def test_gate_refuses_a_call_without_its_message_being_read(
     turns: tuple[_Turns, Harness],
 ) -> None:
     t, harness = turns
-    with grpc.insecure_channel(harness.target) as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            ch.unary_unary("/t.T/Gated")(b"x" * 100_000, timeout=BOUND_S)
+    with grpc.insecure_channel(harness.target) as ch, pytest.raises(grpc.RpcError) as info:
+        ch.unary_unary("/t.T/Gated")(b"x" * 100_000, timeout=BOUND_S)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.details() == "refused at the door"
     assert t.handled == 0
