@@ -23,10 +23,10 @@ Two ways in, one queue (guarded by a lock, so either thread may take from it):
     forms their batches.
   * `submit_nowait` + `run_queued` (any thread, no asyncio): the fast path of gRPC core's
     polling thread (service/transport.py). Its handlers queue requests as their messages
-    arrive; once no completion is waiting, the polling thread calls `run_queued`, which
-    computes the batches that are due (the same rule as the worker's), inline, and says when
-    the rest will be: the polling thread waits for completions until then at most. A lone
-    request is computed at once.
+    arrive; after each bounded turn of completions, the polling thread calls `run_queued`,
+    which computes one batch if one is due (the same rule as the worker's), inline, and says
+    when the next will be: the polling thread waits for completions until then at most. A
+    lone request is computed at once.
 A waiter is told its result from whichever thread computed it: asyncio futures through
 `call_soon_threadsafe` when that is not the loop's thread.
 
@@ -290,7 +290,7 @@ class Batcher:
         if self._closing:
             return Unavailable("server is shutting down")
         return Overloaded(
-            f"overloaded: {self._held_bytes} bytes and {self._queued_rows} images queued; "
+            f"queue full: {self._held_bytes} bytes and {self._queued_rows} images queued; "
             f"new requests are refused until they fall to {RESUME_FRACTION:.0%} of the limits "
             f"({self._max_queue_bytes} bytes, {self._max_queue_rows} images); retry later"
         )

@@ -9,9 +9,12 @@ measured with the same load generator. So:
 
 * **Fast methods** (`add_fast_method`: Classify) are handled entirely on the polling thread:
   the request bytes go to a handler that either answers at once (a bad request) or queues the
-  work; once the queue of ready completions is empty, the idle hooks run (the batcher computes
-  everything queued in one forward pass per version) and the replies go out. Requests that
-  arrive together are answered together, and a lone request is computed at once.
+  work; after each turn of completions (all that are waiting, but at most
+  `completions_per_turn`) the idle hooks run (the batcher computes one due batch, one forward
+  pass per version) and the replies go out. Requests that arrive together are answered
+  together, a lone request is computed at once, and a flood of arrivals cannot starve compute
+  (nor compute the arrivals). A fast method may have a gate that refuses a call before its
+  message is even read (the batcher sheds load that way).
 * **Everything else** (health, reflection, streaming, admin, the v2 API) runs unchanged as
   grpc.aio-style handlers on the asyncio loop: the polling thread hands each new call to the
   loop, and each completion back, with `call_soon_threadsafe`; service/transport_loop.py runs
