@@ -93,10 +93,12 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port sharing only when asked: otherwise a second server on the port is an error.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-        # No bandwidth-delay probing: it grows every stream's HTTP/2 window towards the whole
-        # message, so each of N callers had ~a request's bytes buffered in gRPC core before
-        # the server looked at it (RSS grew with the callers; docs/serving.md, "Overload").
+        # Small HTTP/2 stream windows (no bandwidth-delay probing, 8 KiB ahead): a caller may
+        # send only that much before the server reads its message, so a call refused at the
+        # door costs ~8 KiB of reading, not the whole message, and N waiting callers hold
+        # ~N x 8 KiB in gRPC core, not N messages (docs/serving.md, "Overload").
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 8192),
     ]
 
 
