@@ -303,8 +303,11 @@ class Batcher:
         charge = CHARGE_PER_WIRE_BYTE * wire_bytes + REQUEST_OVERHEAD_BYTES
         held = self._held_bytes
         if held and held + charge > self._max_queue_bytes:
-            self._shedding = True
-            raise self._bytes_error(held, charge)
+            with self._lock:  # shed only while something is held, or nothing would end it
+                held = self._held_bytes
+                if held and held + charge > self._max_queue_bytes:
+                    self._shedding = True
+                    raise self._bytes_error(held, charge)
 
     def _charge(self, x: Array, wire_bytes: int) -> int:
         return max(int(x.nbytes), CHARGE_PER_WIRE_BYTE * wire_bytes) + REQUEST_OVERHEAD_BYTES
