@@ -23,10 +23,10 @@ Two ways in, one queue (guarded by a lock, so either thread may take from it):
     forms their batches.
   * `submit_nowait` + `run_queued` (any thread, no asyncio): the fast path of gRPC core's
     polling thread (service/transport.py). Its handlers queue requests as their messages
-    arrive; once no completion is waiting, the polling thread calls `run_queued`, which
-    computes the batches that are due (the same rule as the worker's), inline, and says when
-    the rest will be: the polling thread waits for completions until then at most. A lone
-    request is computed at once.
+    arrive; after each bounded turn of completions, the polling thread calls `run_queued`,
+    which computes one batch if one is due (the same rule as the worker's), inline, and says
+    when the next will be: the polling thread waits for completions until then at most. A
+    lone request is computed at once.
 A waiter is told its result from whichever thread computed it: asyncio futures through
 `call_soon_threadsafe` when that is not the loop's thread.
 
@@ -36,6 +36,14 @@ pool (NumPy releases the GIL, the event loop keeps serving) -- except forwards o
 `inline_max_rows` rows, which cost less than the thread handoff and run inline. Cancelled
 requests and requests whose deadline has passed are dropped before compute; a failed forward
 fails every waiter in its group; a full queue rejects at once with `Overloaded`.
+
+Admission (docs/serving.md, "Overload"): a request is charged bytes from the length of its
+message, before anything parses it (`admit_wire`), and holds them until it is answered, so the
+memory of queued and in-flight requests is bounded by `max_queue_bytes` whatever the number
+of callers; rows stay bounded by `max_queue_rows`. Once a request is refused for either
+bound, the batcher sheds (`accepting()` is False: front ends refuse new calls at the door,
+without reading them) until what it holds falls to RESUME_FRACTION of both bounds, so a
+flood of retries costs the polling thread as little as possible while compute drains.
 """
 
 from __future__ import annotations
@@ -59,6 +67,17 @@ from service.registry import ModelRegistry, ServableVersion
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
+
+# Decoded float32 rows take at most 4 bytes per byte of the message carrying them (uint8
+# pixels expand 4x, float32 pixels and v2 typed contents at most 1x-4x): a request is charged
+# 4 bytes per message byte, known before it is parsed.
+CHARGE_PER_WIRE_BYTE = 4
+# What a request holds besides its rows (its call, waiter, parsed message, reply): charged
+# too, so a flood of one-image requests is bounded in bytes as well.
+REQUEST_OVERHEAD_BYTES = 2048
+# After a refusal, new calls are refused at the door until held bytes and queued rows are
+# back to this fraction of their bounds (hysteresis: shed in bursts, not one call in two).
+RESUME_FRACTION = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +140,7 @@ class _Pending:
     future: Waiter
     enqueued: float  # time.monotonic() at submit
     rows: int
+    charge: int  # bytes held against max_queue_bytes until answered
 
 
 class Batcher:
@@ -134,6 +154,7 @@ class Batcher:
         max_batch_rows: int,
         max_batch_wait_s: float,
         max_queue_rows: int,
+        max_queue_bytes: int = 1 << 62,
         enabled: bool = True,
         forward_threads: int = 1,
         inline_max_rows: int = 0,
@@ -144,6 +165,9 @@ class Batcher:
         self._max_rows = max_batch_rows
         self._max_wait = max_batch_wait_s
         self._max_queue_rows = max_queue_rows
+        self._max_queue_bytes = max_queue_bytes
+        self._held_bytes = 0  # charged by queued and in-flight requests, until answered
+        self._shedding = False  # refuse at the door until below RESUME_FRACTION of bounds
         self.enabled = enabled
         self._inline_max_rows = inline_max_rows
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -187,21 +211,31 @@ class Batcher:
         version: int = 0,
         label: str = "",
         deadline_s: float | None = None,
+        wire_bytes: int = 0,
     ) -> Prediction:
         """Probabilities for `x` (float32 (n, 784) in 0..1) from one model version.
 
-        `deadline_s` is seconds from now after which the caller no longer wants the answer.
+        `deadline_s` is seconds from now after which the caller no longer wants the answer;
+        `wire_bytes` is the length of the message `x` came in (what `admit_wire` checked).
         Raises Overloaded when the queue is full, NotFound/Unavailable when the model or
         version cannot be resolved, DeadlineExceeded when the deadline passed before compute.
         """
         if not self.enabled:
-            self._admit(int(x.shape[0]))
-            loop = asyncio.get_running_loop()
-            deadline = None if deadline_s is None else loop.time() + deadline_s
-            return await self._unbatched(x, model, version, label, deadline)
+            charge = self._charge(x, wire_bytes)
+            with self._lock:
+                self._admit(int(x.shape[0]), charge)
+                self._hold(charge)
+            try:
+                loop = asyncio.get_running_loop()
+                deadline = None if deadline_s is None else loop.time() + deadline_s
+                return await self._unbatched(x, model, version, label, deadline)
+            finally:
+                with self._lock:
+                    self._release(charge)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Prediction] = loop.create_future()
-        self._enqueue(x, model, version, label, deadline_s, _LoopWaiter(future, loop))
+        self._enqueue(x, model, version, label, deadline_s, _LoopWaiter(future, loop),
+                      wire_bytes)
         if self._signal is not None and (self._signal_any or self._full_enough()):
             self._wake()
         return await future
@@ -215,51 +249,118 @@ class Batcher:
         version: int = 0,
         label: str = "",
         deadline_s: float | None = None,
+        wire_bytes: int = 0,
     ) -> None:
         """Queue `x` for the next `run_queued` (any thread); `waiter` hears the result.
 
         Raises what `submit` raises for a full queue or a closing batcher, at once.
         """
-        self._enqueue(x, model, version, label, deadline_s, waiter)
+        self._enqueue(x, model, version, label, deadline_s, waiter, wire_bytes)
 
     def run_queued(self) -> float | None:
-        """Compute the queued batches that are due, inline on this thread (never raises), and
-        return when (time.monotonic()) the rest will be due, or None when nothing is queued.
+        """Compute one batch if one is due, inline on this thread (never raises), and return
+        when (time.monotonic()) the next will be due (now if it already is), or None when
+        nothing is queued.
 
-        A batch is due under the worker's rule: full enough (as many requests as were
-        outstanding at the busiest moment since the previous batch, or max_batch_rows), or
-        max_batch_wait_s after its oldest request arrived. With batching off, each request is
-        its own forward at once (the benchmark's baseline)."""
-        while self._queue:
-            if self.enabled and self._max_wait > 0 and not self._full_enough():
-                due = self._queue[0].enqueued + self._max_wait
-                if time.monotonic() < due:
-                    return due
-            batch = self._take(self._max_rows if self.enabled else 1)
-            if batch:
-                self._compute_now(batch)
-        return None
+        One batch a call: the polling thread handles the completions that arrived meanwhile
+        (a bounded number, service/transport.py) before the next, so neither accepting nor
+        computing can starve the other. A batch is due under the worker's rule: full enough
+        (as many requests as were outstanding at the busiest moment since the previous batch,
+        or max_batch_rows), or max_batch_wait_s after its oldest request arrived. With
+        batching off, each request is its own forward (the benchmark's baseline)."""
+        if not self._queue:
+            return None
+        if self.enabled and self._max_wait > 0 and not self._full_enough():
+            due = self._queue[0].enqueued + self._max_wait
+            if time.monotonic() < due:
+                return due
+        batch = self._take(self._max_rows if self.enabled else 1)
+        if batch:
+            self._compute_now(batch)
+        return time.monotonic() if self._queue else None
 
-    def _admit(self, rows: int) -> None:
+    # --- admission
+
+    def accepting(self) -> bool:
+        """False while shedding: a front end refuses new calls without reading them."""
+        return not self._shedding and not self._closing
+
+    def refusal(self) -> Overloaded | Unavailable:
+        """The error for a call refused at the door (while `accepting()` is False)."""
+        if self._closing:
+            return Unavailable("server is shutting down")
+        return Overloaded(
+            f"queue full: {self._held_bytes} bytes and {self._queued_rows} images queued; "
+            f"new requests are refused until they fall to {RESUME_FRACTION:.0%} of the limits "
+            f"({self._max_queue_bytes} bytes, {self._max_queue_rows} images); retry later"
+        )
+
+    def admit_wire(self, wire_bytes: int) -> None:
+        """Refuse a request of `wire_bytes` message bytes before anything decodes it, when
+        its charge cannot fit (or while shedding). A check only: `submit*` charges."""
+        if not self.accepting():
+            raise self.refusal()
+        charge = CHARGE_PER_WIRE_BYTE * wire_bytes + REQUEST_OVERHEAD_BYTES
+        held = self._held_bytes
+        if held and held + charge > self._max_queue_bytes:
+            with self._lock:  # shed only while something is held, or nothing would end it
+                held = self._held_bytes
+                if held and held + charge > self._max_queue_bytes:
+                    self._shedding = True
+                    raise self._bytes_error(held, charge)
+
+    def _charge(self, x: Array, wire_bytes: int) -> int:
+        return max(int(x.nbytes), CHARGE_PER_WIRE_BYTE * wire_bytes) + REQUEST_OVERHEAD_BYTES
+
+    def _bytes_error(self, held: int, charge: int) -> Overloaded:
+        return Overloaded(
+            f"queue full: {held} bytes held by queued requests, {charge} more would pass the "
+            f"limit of {self._max_queue_bytes}; retry later"
+        )
+
+    def _admit(self, rows: int, charge: int) -> None:
+        """Under the lock: raise unless `rows` images charged `charge` bytes fit now."""
         if self._closing:
             raise Unavailable("server is shutting down")
         queued = self._queued_rows + self._unbatched_rows
         if queued + rows > self._max_queue_rows and queued > 0:
+            self._shedding = True
             raise Overloaded(
                 f"queue full: {queued} images waiting, {rows} more would pass the limit of "
                 f"{self._max_queue_rows}; retry later"
             )
+        held = self._held_bytes
+        if held and held + charge > self._max_queue_bytes:
+            self._shedding = True
+            raise self._bytes_error(held, charge)
+
+    def _hold(self, charge: int) -> None:
+        self._held_bytes += charge
+        self._metrics.set_queue_bytes(self._held_bytes)
+
+    def _release(self, charge: int) -> None:
+        """Under the lock: give back bytes; stop shedding once both bounds have room."""
+        self._held_bytes -= charge
+        if (self._shedding
+                and self._held_bytes <= RESUME_FRACTION * self._max_queue_bytes
+                and self._queued_rows + self._unbatched_rows
+                <= RESUME_FRACTION * self._max_queue_rows):
+            self._shedding = False
+        self._metrics.set_queue_bytes(self._held_bytes)
 
     def _enqueue(self, x: Array, model: str, version: int, label: str,
-                 deadline_s: float | None, waiter: Waiter) -> None:
+                 deadline_s: float | None, waiter: Waiter, wire_bytes: int) -> None:
         rows = int(x.shape[0])
+        charge = self._charge(x, wire_bytes)
         now = time.monotonic()
         deadline = None if deadline_s is None else now + deadline_s
         name = model or self._registry.default_model()
         with self._lock:
-            self._admit(rows)
-            self._queue.append(_Pending(x, name, version, label, deadline, waiter, now, rows))
+            self._admit(rows, charge)
+            self._queue.append(
+                _Pending(x, name, version, label, deadline, waiter, now, rows, charge))
             self._queued_rows += rows
+            self._hold(charge)
             self._queued_by_model[name] += rows
             self._outstanding += 1
             if self._outstanding > self._peak:
@@ -349,6 +450,7 @@ class Batcher:
                 self._queued_by_model[p.model] -= p.rows
                 if p.future.done():  # cancelled: the client went away
                     self._outstanding -= 1
+                    self._release(p.charge)
                     continue
                 batch.append(p)
                 rows += p.rows
@@ -359,29 +461,32 @@ class Batcher:
             self._metrics.set_queue_rows(name, n)
         return batch
 
-    def _answered(self, n: int) -> None:
+    def _answered(self, members: list[_Pending]) -> None:
+        """They have their answer: no longer outstanding, their bytes are free."""
         with self._lock:
-            self._outstanding -= n
+            self._outstanding -= len(members)
+            for p in members:
+                self._release(p.charge)
 
     def _groups(self, batch: list[_Pending]) -> list[tuple[ServableVersion, list[_Pending]]]:
         """Drop expired requests, resolve versions once, group by the version each gets."""
         now = time.monotonic()
         groups: dict[int, tuple[ServableVersion, list[_Pending]]] = {}
         resolved: dict[tuple[str, int, str], ServableVersion] = {}
-        failed = 0
+        failed: list[_Pending] = []
         for p in batch:
             if p.deadline is not None and now > p.deadline:
                 p.future.set_exception(
                     DeadlineExceeded("deadline passed while queued; the request was dropped")
                 )
-                failed += 1
+                failed.append(p)
                 continue
             key = (p.model, p.version, p.label)
             try:
                 sv = resolved.get(key) or self._resolve(*key)
             except ServiceError as e:
                 p.future.set_exception(e)
-                failed += 1
+                failed.append(p)
                 continue
             resolved[key] = sv
             groups.setdefault(id(sv), (sv, []))[1].append(p)
@@ -408,7 +513,7 @@ class Batcher:
         left = [p for p in batch if not p.future.done()]
         for p in left:
             p.future.set_exception(ServiceError("batch failed unexpectedly"))
-        self._answered(len(left))
+        self._answered(left)
 
     async def _compute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         for sv, members in self._groups(batch):
@@ -446,7 +551,7 @@ class Batcher:
         for p in members:
             if not p.future.done():
                 p.future.set_exception(err)
-        self._answered(len(members))
+        self._answered(members)
 
     def _deliver(self, sv: ServableVersion, members: list[_Pending], probs: Array,
                  forward_s: float) -> None:
@@ -458,7 +563,7 @@ class Batcher:
             if not p.future.done():
                 p.future.set_result(Prediction(probs[start:end], sv))
             start = end
-        self._answered(len(members))
+        self._answered(members)
         self._metrics.batch_done(sv.name, sv.version, waits, forward_s, probs)
 
 

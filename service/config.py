@@ -57,6 +57,11 @@ class Settings:
     max_queue_rows: int = _opt(
         8192, "images waiting at most; past it requests fail fast with RESOURCE_EXHAUSTED"
     )
+    max_queue_bytes: int = _opt(
+        24 << 20, "bytes queued and in-flight requests may hold at most, whatever the number "
+        "of callers: each is charged 4 bytes per byte of its message (the most its float32 "
+        "rows take) + 2 KiB, checked before it is decoded; past it RESOURCE_EXHAUSTED"
+    )
     max_images_per_request: int = _opt(4096, "most images one request may carry")
     inline_forward_max_rows: int = _opt(
         32, "batches formed on the event loop (ClassifyStream; every batch with --frontend aio) "
@@ -173,7 +178,8 @@ def load_settings(
 def validate(s: Settings) -> None:
     """Reject nonsense early, with the flag's name in the message."""
     problems: list[str] = []
-    positive = ("workers", "max_batch_rows", "max_queue_rows", "max_images_per_request")
+    positive = ("workers", "max_batch_rows", "max_queue_rows", "max_queue_bytes",
+                "max_images_per_request")
     for name in positive:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")

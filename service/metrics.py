@@ -281,6 +281,12 @@ class Metrics:
             "mnist_batch_queue_rows", "Images waiting in the batch queue.", ["model"],
             registry=r, multiprocess_mode="livesum",
         )
+        self.queue_bytes = Gauge(
+            "mnist_batch_queue_bytes",
+            "Bytes charged by queued and in-flight requests (bounded by --max-queue-bytes).",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self._queue_bytes = 0
         self._inflight_gauge = Gauge(
             "mnist_inflight_requests", "RPCs being handled right now.", registry=r,
             multiprocess_mode="livesum",
@@ -424,6 +430,7 @@ class Metrics:
             self._record_requests()
             if isinstance(self.inflight, _LiveCount):
                 self._inflight_gauge.set(self.inflight.n)
+            self.queue_bytes.set(self._queue_bytes)
             for model, rows in list(self._queue_rows.items()):
                 child = self._queue_children.get(model)
                 if child is None:
@@ -516,6 +523,14 @@ class Metrics:
                 )
                 self._batch_children[(model, version)] = c
             return c
+
+    def set_queue_bytes(self, held: int) -> None:
+        if not self.enabled:
+            return
+        if self._defer:
+            self._queue_bytes = held
+        else:
+            self.queue_bytes.set(held)
 
     def set_queue_rows(self, model: str, rows: int) -> None:
         if not self.enabled:

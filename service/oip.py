@@ -170,11 +170,12 @@ class InferenceServicer:
         code = grpc.StatusCode.OK
         job = _Infer()
         try:
+            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw, job)
             images = int(x.shape[0])
             prediction = await self._batcher.submit(
                 x, model=request.model_name, version=job.number, label=job.label,
-                deadline_s=time_remaining,
+                deadline_s=time_remaining, wire_bytes=len(raw),
             )
             answered = prediction.version
             job.model, job.version = answered.name, str(answered.version)
@@ -210,17 +211,25 @@ class InferenceServicer:
         answer = Answer(self._metrics, "ModelInfer", call)
         job = _Infer()
         try:
+            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw, job)
             answer.model, answer.version = job.model, job.version
             answer.images = int(x.shape[0])
             answer.encode = job.encoded
             self._batcher.submit_nowait(
                 x, answer, model=request.model_name, version=job.number, label=job.label,
-                deadline_s=call.time_remaining(),
+                deadline_s=call.time_remaining(), wire_bytes=len(raw),
             )
         except Exception as e:
             answer.model, answer.version = job.model, job.version
             answer.set_exception(e)
+
+    def infer_gate(self, call: FastCall) -> bool:
+        """Before ModelInfer's message is read: refuse at once while the batcher sheds."""
+        if self._batcher.accepting():
+            return True
+        Answer(self._metrics, "ModelInfer", call).set_exception(self._batcher.refusal())
+        return False
 
     # --- model-repository extension
 
@@ -369,6 +378,6 @@ def add_to_server(
         s.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString
     )
     if isinstance(server, CoreServer):
-        server.add_fast_method(f"/{SERVICE_NAME}/ModelInfer", s.infer_now)
+        server.add_fast_method(f"/{SERVICE_NAME}/ModelInfer", s.infer_now, gate=s.infer_gate)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     return s

@@ -109,6 +109,12 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port sharing only when asked: otherwise a second server on the port is an error.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        # Small HTTP/2 stream windows (no bandwidth-delay probing, 8 KiB ahead): a caller may
+        # send only that much before the server reads its message, so a call refused at the
+        # door costs ~8 KiB of reading, not the whole message, and N waiting callers hold
+        # ~N x 8 KiB in gRPC core, not N messages (docs/serving.md, "Overload").
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 8192),
     ]
 
 
@@ -180,6 +186,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         max_batch_rows=settings.max_batch_rows,
         max_batch_wait_s=settings.max_batch_wait_s,
         max_queue_rows=settings.max_queue_rows,
+        max_queue_bytes=settings.max_queue_bytes,
         enabled=settings.batching,
         inline_max_rows=settings.inline_forward_max_rows,
     )

@@ -53,6 +53,7 @@ class ClassifierServicer:
         images = 0
         code = grpc.StatusCode.OK
         try:
+            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw)
             images = int(x.shape[0])
             prediction = await self._batcher.submit(
@@ -61,6 +62,7 @@ class ClassifierServicer:
                 version=request.version,
                 label=request.version_label,
                 deadline_s=time_remaining,
+                wire_bytes=len(raw),
             )
             sv = prediction.version
             model, version = sv.name, str(sv.version)
@@ -89,15 +91,27 @@ class ClassifierServicer:
         arriving; the `fastpath.Answer` replies. Must not block or raise."""
         answer = Answer(self._metrics, "Classify", call)
         try:
+            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw)
             answer.images = int(x.shape[0])
-            answer.encode = functools.partial(_encoded, request)
+            # Not the request itself: its pixels would stay alive until the reply.
+            answer.encode = functools.partial(_encoded, request.request_id,
+                                              request.packed_output)
             self._batcher.submit_nowait(
                 x, answer, model=request.model, version=request.version,
                 label=request.version_label, deadline_s=call.time_remaining(),
+                wire_bytes=len(raw),
             )
         except Exception as e:
             answer.set_exception(e)
+
+    def classify_gate(self, call: FastCall) -> bool:
+        """Before Classify's message is read (service/transport.py): while the batcher sheds,
+        refuse at once, so a flood of retries costs neither a read nor a decode."""
+        if self._batcher.accepting():
+            return True
+        Answer(self._metrics, "Classify", call).set_exception(self._batcher.refusal())
+        return False
 
     def _check_exists(self, request: pb.ClassifyRequest) -> ServableVersion:
         return self._registry.resolve(request.model, request.version, request.version_label)
@@ -222,8 +236,9 @@ def _response(prediction: Prediction, request: pb.ClassifyRequest) -> pb.Classif
                                  request.request_id, request.packed_output)
 
 
-def _encoded(request: pb.ClassifyRequest, prediction: Prediction) -> bytes:
-    message: bytes = _response(prediction, request).SerializeToString()
+def _encoded(request_id: str, packed: bool, prediction: Prediction) -> bytes:
+    message: bytes = codec.encode_response(prediction.probabilities, prediction.version,
+                                           request_id, packed).SerializeToString()
     return message
 
 
@@ -259,7 +274,8 @@ def add_to_server(servicer: ClassifierServicer, server: grpc.aio.Server) -> None
         ),
     }
     if isinstance(server, CoreServer):
-        server.add_fast_method(f"/{SERVICE_NAME}/Classify", servicer.classify_now)
+        server.add_fast_method(f"/{SERVICE_NAME}/Classify", servicer.classify_now,
+                               gate=servicer.classify_gate)
     # Registered methods are matched by gRPC core when the call arrives, so a call skips the
     # Python walk over generic handlers; the generic one stays for servers without them.
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -9,9 +9,12 @@ measured with the same load generator. So:
 
 * **Fast methods** (`add_fast_method`: Classify) are handled entirely on the polling thread:
   the request bytes go to a handler that either answers at once (a bad request) or queues the
-  work; once the queue of ready completions is empty, the idle hooks run (the batcher computes
-  everything queued in one forward pass per version) and the replies go out. Requests that
-  arrive together are answered together, and a lone request is computed at once.
+  work; after each turn of completions (all that are waiting, but at most
+  `completions_per_turn`) the idle hooks run (the batcher computes one due batch, one forward
+  pass per version) and the replies go out. Requests that arrive together are answered
+  together, a lone request is computed at once, and a flood of arrivals cannot starve compute
+  (nor compute the arrivals). A fast method may have a gate that refuses a call before its
+  message is even read (the batcher sheds load that way).
 * **Everything else** (health, reflection, streaming, admin, the v2 API) runs unchanged as
   grpc.aio-style handlers on the asyncio loop: the polling thread hands each new call to the
   loop, and each completion back, with `call_soon_threadsafe`; service/transport_loop.py runs
@@ -49,8 +52,18 @@ _FAST_REQUESTS_AHEAD = 8
 _NO_DEADLINE_AFTER_S = 10 * 365 * 24 * 3600.0
 # A deadline passed to CompletionQueue.poll: block, waking now and then for the stop check.
 _POLL_PERIOD_S = 1.0
+# Completions handled in one turn of the polling loop before the idle hooks run (each computes
+# at most one due batch a turn): a steady stream of arrivals and refusals can then no longer
+# starve compute, nor compute starve arrivals. 64 covers a whole burst of 64 one-image callers
+# (a new call, its message and its reply are ~3 completions, so ~21 requests a turn).
+DEFAULT_COMPLETIONS_PER_TURN = 64
+# An idle hook that keeps raising is logged at most this often.
+_HOOK_LOG_PERIOD_S = 10.0
 
 FastHandler = Callable[["FastCall", bytes], None]
+# Runs before a fast call's message is read: True to read it and call the handler, False when
+# it has answered the call itself (refused at the door: the message is never read).
+FastGate = Callable[["FastCall"], bool]
 
 
 # What CoreServer uses of grpcio's private layer; checked once so that a grpcio that changed
@@ -153,11 +166,12 @@ _FAST_DONE = _FastDone()
 
 
 class _NewFastCall(_Tag):
-    __slots__ = ("handler", "method")
+    __slots__ = ("gate", "handler", "method")
 
-    def __init__(self, method: str, handler: FastHandler) -> None:
+    def __init__(self, method: str, handler: FastHandler, gate: FastGate | None) -> None:
         self.method = method
         self.handler = handler
+        self.gate = gate
 
     def complete(self, server: CoreServer, event: Any) -> None:
         if server._stage is _Stage.SERVING:
@@ -165,6 +179,14 @@ class _NewFastCall(_Tag):
         if not event.success:
             return
         call = FastCall(server, event.call, _deadline(event.call_details))
+        if self.gate is not None:
+            try:
+                if not self.gate(call):
+                    return  # answered at the door; the message is never read
+            except Exception:
+                log.exception("fast gate failed")
+                call.fail(grpc.StatusCode.INTERNAL, "internal error")
+                return
         server._start_batch(event.call, (cygrpc.ReceiveMessageOperation(NO_FLAGS),),
                             _FastReceived(self.handler, call))
 
@@ -236,14 +258,17 @@ class _Shutdown(_Tag):
 class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
     """A grpc.aio.Server on gRPC core's completion queue; see the module docstring."""
 
-    def __init__(self, options: Iterable[tuple[str, Any]] = ()) -> None:
+    def __init__(self, options: Iterable[tuple[str, Any]] = (), *,
+                 completions_per_turn: int = DEFAULT_COMPLETIONS_PER_TURN) -> None:
+        self._completions_per_turn = completions_per_turn
         self._cq = cygrpc.CompletionQueue()
         self._server = cygrpc.Server(tuple(options), False)
         self._server.register_completion_queue(self._cq)
         self._generic: list[grpc.GenericRpcHandler] = []
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
-        self._fast: dict[str, FastHandler] = {}
+        self._fast: dict[str, tuple[FastHandler, FastGate | None]] = {}
         self._idle_hooks: list[Callable[[], float | None]] = []
+        self._hook_logged: dict[int, float] = {}  # hook index -> when it last logged a failure
         self._stage = _Stage.NEW
         self._lock = threading.Lock()
         self._due = 0  # batches and call requests started and not yet completed
@@ -271,20 +296,25 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
             self._server.register_method(path)
             self._registered[path] = handler
 
-    def add_fast_method(self, path: str, handler: FastHandler) -> None:
+    def add_fast_method(self, path: str, handler: FastHandler,
+                        gate: FastGate | None = None) -> None:
         """Serve unary `path` on the polling thread: `handler(call, request_bytes)` must not
-        block; it answers through `call.reply`/`call.fail`, now or from an idle hook."""
+        block; it answers through `call.reply`/`call.fail`, now or from an idle hook.
+        `gate(call)`, if given, runs when the call arrives, before its message is read: it
+        may refuse the call (answer it and return False) so a refused message costs no read."""
         self._check_new()
         if path in self._registered:
             del self._registered[path]
         else:
             self._server.register_method(path)
-        self._fast[path] = handler
+        self._fast[path] = (handler, gate)
 
     def add_idle_hook(self, hook: Callable[[], float | None]) -> None:
-        """Run `hook()` on the polling thread whenever no completion is waiting (it computes
-        what the fast handlers queued). It returns when (time.monotonic()) it wants to run
-        again even if nothing arrives, or None. It must not raise."""
+        """Run `hook()` on the polling thread after each turn of completions (at most
+        `completions_per_turn`, fewer when no more are waiting): it computes what the fast
+        handlers queued, a bounded amount a turn. It returns when (time.monotonic()) it wants
+        to run again even if nothing arrives (now: at once), or None. It should not raise: one
+        that does is logged and the thread goes on (what it was computing is its to fail)."""
         self._idle_hooks.append(hook)
 
     def add_insecure_port(self, address: str) -> int:
@@ -308,8 +338,8 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
         self._stopped = asyncio.Event()
         self._server.start()
         self._stage = _Stage.SERVING
-        for path, handler in self._fast.items():
-            tag = _NewFastCall(path, handler)
+        for path, (handler, gate) in self._fast.items():
+            tag = _NewFastCall(path, handler, gate)
             for _ in range(_FAST_REQUESTS_AHEAD):
                 self._request_registered(path, tag)
         for path in self._registered:
@@ -391,36 +421,61 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
         self._server.request_call(self._cq, self._cq, _GENERIC)
 
     def _poll(self) -> None:
-        cq = self._cq
-        timeout = cygrpc.CompletionType.queue_timeout
-        due: float | None = None  # when (monotonic) an idle hook wants to run again
+        """Turns of: up to `completions_per_turn` completions, then the idle hooks; until the
+        server is shut down. However it ends, `wait_for_termination()` returns after it."""
         try:
-            while True:
-                wait_s = _POLL_PERIOD_S if due is None else max(0.0, due - time.monotonic())
-                event = cq.poll(time.time() + wait_s)
-                if event.completion_type != timeout:
-                    self._complete(event)
-                    while (event := cq.poll(0)).completion_type != timeout:
-                        self._complete(event)
-                event = None  # drop the last call reference before running the hooks
-                due = self._run_idle_hooks()
-                if self._finished():
-                    break
-        except Exception:
+            self._turns()
+        except BaseException:
             log.exception("gRPC polling thread failed")
         finally:
-            with self._lock:
-                self._stage = _Stage.STOPPED
-                self._server.destroy()
-            loop, stopped = self._loop, self._stopped
-            if loop is not None and stopped is not None and not loop.is_closed():
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(stopped.set)
+            try:
+                with self._lock:
+                    self._stage = _Stage.STOPPED
+                    self._server.destroy()
+            except BaseException:
+                log.exception("gRPC server destroy failed")
+            finally:
+                self._signal_stopped()
+
+    def _turns(self) -> None:
+        cq = self._cq
+        timeout = cygrpc.CompletionType.queue_timeout
+        per_turn = self._completions_per_turn
+        due: float | None = None  # when (monotonic) an idle hook wants to run again
+        while True:
+            wait_s = _POLL_PERIOD_S if due is None else max(0.0, due - time.monotonic())
+            event = cq.poll(time.time() + wait_s)
+            handled = 0
+            while event.completion_type != timeout:
+                self._complete(event)
+                handled += 1
+                if handled >= per_turn:
+                    break  # the rest wait for the next turn, after the idle hooks
+                event = cq.poll(0)
+            event = None  # drop the last call reference before running the hooks
+            due = self._run_idle_hooks()
+            if self._finished():
+                break
+
+    def _signal_stopped(self) -> None:
+        loop, stopped = self._loop, self._stopped
+        if loop is not None and stopped is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stopped.set)
 
     def _run_idle_hooks(self) -> float | None:
         due: float | None = None
-        for hook in self._idle_hooks:
-            wanted = hook()
+        for i, hook in enumerate(self._idle_hooks):
+            try:
+                wanted = hook()
+            except Exception:
+                # A bug in one hook must not end the thread that serves every fast call;
+                # run it again next turn, logging a hook that keeps failing now and then.
+                now = time.monotonic()
+                if now - self._hook_logged.get(i, -_HOOK_LOG_PERIOD_S) >= _HOOK_LOG_PERIOD_S:
+                    self._hook_logged[i] = now
+                    log.exception("idle hook %r failed", hook)
+                wanted = now + 0.001  # retry soon, but do not spin on a broken hook
             if wanted is not None and (due is None or wanted < due):
                 due = wanted
         return due

@@ -38,11 +38,12 @@ CLOCK_SLACK_S = 0.5
 class Harness:
     """A CoreServer on its own event loop in a daemon thread, as service code runs it."""
 
-    def __init__(self, configure: Callable[[CoreServer], None]) -> None:
+    def __init__(self, configure: Callable[[CoreServer], None],
+                 server: CoreServer | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = CoreServer()
+        self.server = server if server is not None else CoreServer()
         configure(self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.target = f"127.0.0.1:{self.port}"
