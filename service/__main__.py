@@ -2,14 +2,55 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from service.config import parse_args
     from service.server import serve
 
-    serve(parse_args(argv))
+    settings = parse_args(argv)
+    try:
+        serve(settings)
+    except OSError as e:
+        busy = _ports_in_use(settings, metrics=e.errno == errno.EADDRINUSE)
+        if not busy:
+            raise
+        # The usual cause (a second server, e.g. `./dev serve` still running) is a user's
+        # mistake, not a bug: one line that says which port, not a traceback.
+        sys.exit(f"mnist-serve: cannot listen: {'; '.join(busy)} already in use by another "
+                 "process: stop it or choose another port")
+
+
+def _ports_in_use(settings: Any, *, metrics: bool) -> list[str]:
+    """'--flag host:port' for each port another process holds right now. Only the metrics
+    exporter's bind raises with an errno (gRPC's does not), and it binds first, so the other
+    ports are probed only when it is not the one that failed (the process's own exporter is
+    still listening then)."""
+    if metrics:
+        wanted = [("--metrics-port", settings.metrics_host, settings.metrics_port)]
+    else:
+        wanted = [("--port", settings.host, settings.port),
+                  ("--admin-port", settings.host, settings.admin_port)]
+    busy = []
+    for flag, host, port in wanted:
+        if not port:
+            continue
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                busy.append(f"{flag} {host}:{port}")
+    return busy
 
 
 if __name__ == "__main__":

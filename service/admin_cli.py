@@ -110,8 +110,13 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return _print(args, [_call(args, "UnloadVersion", request)])
 
 
-def register(sub: Any) -> None:
-    """Add the admin subcommands to mnist-client's subparsers."""
+def register(
+    sub: Any,
+    parents: list[argparse.ArgumentParser] | None = None,
+    formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter,
+) -> None:
+    """Add the admin subcommands to mnist-client's subparsers (`parents`: options every
+    command takes)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--admin-token", default="", help=f"bearer token (default: ${TOKEN_ENV})"
@@ -121,7 +126,8 @@ def register(sub: Any) -> None:
     )
 
     def add(name: str, help_text: str, run: Any, *positional: tuple[str, str, Any]) -> None:
-        p = sub.add_parser(name, help=help_text, parents=[common])
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           parents=[common, *(parents or [])], formatter_class=formatter_class)
         for dest, text, kind in positional:
             metavar = {"name": "MODEL", "label_name": "LABEL", "to_version": "VERSION"}[dest]
             p.add_argument(dest, type=kind, help=text, metavar=metavar)

@@ -1,12 +1,16 @@
-"""`mnist-client`: classify files, evaluate a test set, list models, against a running server.
+"""`mnist-client`: classify images, evaluate a test set, list and describe models, against a
+running server.
 
-    mnist-client classify digit.png more.npy t10k-images-idx3-ubyte.gz
+    mnist-client classify digit.png more.npy t10k-images-idx3-ubyte.gz scans/ 'batch-*.npy'
+    cat digit.png | mnist-client classify -
     mnist-client eval --data-dir ../shared/data/mnist
-    mnist-client models
-    (--target host:port, --json, TLS options before the command)
+    mnist-client models [--full]
+    mnist-client show mnist 1
 
-Every failure is one line on stderr and a non-zero exit: 1 for a failed request or bad input
-file, 2 for usage errors.
+Options (--target, --json, TLS, ...) go before or after the command; MNIST_TARGET sets the
+default target. Results are printed as they arrive, with a progress bar on stderr when it is
+a terminal. Every failure is one line on stderr and a non-zero exit: 1 for a failed request,
+a bad input file or a closed output pipe, 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -14,66 +18,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
 from service import admin_cli
-from service.client import DEFAULT_TARGET, MAX_MESSAGE_BYTES, ClassifierClient, ClientError
-from service.model import INPUT_SIZE
+from service.client import (
+    DEFAULT_RETRY,
+    DEFAULT_TARGET,
+    Classification,
+    ClassifierClient,
+    ClientError,
+    channel_options,
+    credentials,
+)
+from service.client_card import card, state_name, summary
+from service.client_inputs import InputError, expand
+from service.client_progress import Progress
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
-IDX_IMAGES_MAGIC = b"\x00\x00\x08\x03"
-GZIP_MAGIC = b"\x1f\x8b"
-
-
-class InputError(Exception):
-    """An input file that cannot be turned into images; the message names it."""
-
-
-def load_inputs(path: Path) -> npt.NDArray[Any]:
-    """(n, 28, 28) uint8 or float images from a .npy, an IDX file (optionally .gz) or an image."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"{path}: not a readable .npy array ({e})") from None
-        if arr.size == 0 or arr.size % INPUT_SIZE or arr.dtype.kind not in "uif":
-            raise InputError(
-                f"{path}: expected images of {INPUT_SIZE} pixels (shape (n, 28, 28) or "
-                f"(n, 784)), got shape {arr.shape} dtype {arr.dtype}"
-            )
-        if arr.dtype.kind in "ui":
-            if arr.min() < 0 or arr.max() > 255:
-                raise InputError(f"{path}: integer pixels must be 0..255")
-            arr = arr.astype(np.uint8)
-        images: npt.NDArray[Any] = arr.reshape(-1, 28, 28)
-        return images
-    if head == IDX_IMAGES_MAGIC or (head[:2] == GZIP_MAGIC and "idx" in path.name):
-        from trainer.data import DataError, read_images
-
-        try:
-            return read_images(path)
-        except DataError as e:
-            raise InputError(str(e)) from None
-    from service.images import ImageError, load_image
-
-    try:
-        return load_image(path)[None]
-    except ImageError as e:
-        raise InputError(str(e)) from None
+TARGET_ENV = "MNIST_TARGET"
 
 
 def _client(args: argparse.Namespace) -> ClassifierClient:
@@ -83,41 +56,95 @@ def _client(args: argparse.Namespace) -> ClassifierClient:
     )
 
 
+def _progress(args: argparse.Namespace, total: int | None, needed: bool) -> Progress:
+    return Progress(total, sys.stderr,
+                    enabled=needed and not args.no_progress and sys.stderr.isatty())
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
-    inputs = [(Path(f), load_inputs(Path(f))) for f in args.files]
-    rows: list[dict[str, Any]] = []
-    with _client(args) as client:
-        for path, images in inputs:
+    """Stream: read a source when its turn comes, keep --concurrency requests in flight, print
+    each result as soon as it and those before it are in. If a source cannot be read, what
+    came before it is still printed, then the error (and --json leaves the array unclosed, so
+    a partial answer never parses as a complete one)."""
+    sources = expand(args.files, sys.stdin.buffer)
+    counts = [s.count() for s in sources]
+    total = None if None in counts else sum(c for c in counts if c is not None)
+    progress = _progress(args, total, needed=total is None or total > args.batch_size)
+    origin: deque[tuple[str, int, int]] = deque()  # per batch sent: source name, start, size
+    failed: list[InputError] = []
+
+    def batches() -> Iterator[npt.NDArray[Any]]:
+        for source in sources:
+            try:
+                images = source.load()
+            except InputError as e:
+                failed.append(e)
+                return
             for start in range(0, len(images), args.batch_size):
-                chunk = images[start: start + args.batch_size]
-                result = client.classify(chunk, model=args.model, version=args.version,
-                                         label=args.label)
-                for i, (label, probs) in enumerate(
-                        zip(result.labels.tolist(), result.probabilities, strict=True)):
-                    rows.append({
-                        "file": str(path), "index": start + i, "label": label,
-                        "confidence": round(float(probs.max()), 6),
-                        "probabilities": [round(float(p), 6) for p in probs],
-                        "model": result.model, "version": result.version,
-                    })
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    many = len(rows) > 1
-    for r in rows:
-        name = f"{r['file']}[{r['index']}]  " if many else ""
-        print(f"{name}{r['label']} ({r['confidence']:.3f})  model {r['model']} "
-              f"version {r['version']}")
+                origin.append((source.name, start, len(images)))
+                yield images[start: start + args.batch_size]
+
+    writer = ResultWriter(sys.stdout, progress, as_json=args.json, prefix_names=total != 1)
+    with _client(args) as client:
+        for result in client.classify_many(
+            batches(), concurrency=args.concurrency, model=args.model, version=args.version,
+            label=args.label,
+        ):
+            name, start, size = origin.popleft()
+            writer.write(result, name, start, size)
+            progress.advance(len(result.labels))
+    progress.close()
+    if failed:
+        raise failed[0]
+    writer.finish()
     return 0
+
+
+class ResultWriter:
+    """Prints answered batches as they come: text lines, or rows of one JSON array."""
+
+    def __init__(self, out: TextIO, progress: Progress, *, as_json: bool,
+                 prefix_names: bool) -> None:
+        self.out = out
+        self.progress = progress
+        self.as_json = as_json
+        self.prefix_names = prefix_names
+        self.clear_bar = out.isatty()  # the bar shares the terminal: erase it first
+        self.rows = 0
+
+    def write(self, result: Classification, name: str, start: int, size: int) -> None:
+        parts: list[str] = []
+        probs = result.probabilities
+        for i, label in enumerate(result.labels.tolist()):
+            confidence = float(probs[i].max())
+            if self.as_json:
+                row = {"file": name, "index": start + i, "label": label,
+                       "confidence": round(confidence, 6),
+                       "probabilities": [round(float(p), 6) for p in probs[i]],
+                       "model": result.model, "version": result.version}
+                parts.append(("," if self.rows else "[") + "\n" + json.dumps(row))
+            else:
+                where = ""
+                if self.prefix_names:
+                    where = f"{name}[{start + i}]  " if size > 1 else f"{name}  "
+                parts.append(f"{where}{label} ({confidence:.3f})  model {result.model} "
+                             f"version {result.version}\n")
+            self.rows += 1
+        if self.clear_bar:
+            self.progress.clear()
+        self.out.write("".join(parts))
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.as_json:
+            self.out.write("\n]\n" if self.rows else "[]\n")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         models = client.models()
     if args.json:
-        from google.protobuf.json_format import MessageToDict
-
-        print(json.dumps([MessageToDict(m) for m in models]))
+        print(json.dumps([summary(m, full=args.full) for m in models]))
         return 0
     if not models:
         print("no models")
@@ -127,9 +154,28 @@ def cmd_models(args: argparse.Namespace) -> int:
         acc_text = f"  test_accuracy {acc:.4f}" if acc is not None else ""
         print(f"{m.name}  current {m.current_version or '-'}  labels {labels}{acc_text}")
         for v in m.versions:
-            state = pb.VersionState.Name(v.state).removeprefix("VERSION_STATE_")
             reason = f"  ({v.reason})" if v.reason else ""
-            print(f"  version {v.version}  {state}{reason}")
+            print(f"  version {v.version}  {state_name(v.state)}{reason}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model_info(args.name)
+    wanted = args.show_version or info.current_version
+    if not info.current_version:
+        raise ClientError(f"{info.name} has no servable version")
+    if wanted != info.current_version:
+        states = {v.version: state_name(v.state) for v in info.versions}
+        raise ClientError(
+            f"{info.name} version {wanted} is {states.get(wanted, 'not in the repository')}; "
+            f"the server describes its current version only ({info.current_version}): "
+            f"`mnist-client set-current {info.name} {wanted}` makes it current"
+        )
+    if args.json:
+        print(json.dumps(summary(info, full=True)))
+    else:
+        print(card(info))
     return 0
 
 
@@ -142,21 +188,18 @@ async def _eval(
     latencies: list[float] = []
     versions: set[tuple[str, int]] = set()
     starts = list(range(0, n, args.batch_size))
-    done = 0
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    options = channel_options(DEFAULT_RETRY, args.tls_server_name)
     if creds is not None:
         channel = grpc.aio.secure_channel(args.target, creds, options=options)
     else:
         channel = grpc.aio.insecure_channel(args.target, options=options)
-    progress = sys.stderr.isatty() and not args.json
+    progress = _progress(args, n, needed=len(starts) > 1)
 
     async with channel:
         stub = pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
         queue = list(reversed(starts))
 
         async def worker() -> None:
-            nonlocal done
             while queue:
                 s = queue.pop()
                 chunk = images[s: s + args.batch_size]
@@ -169,15 +212,12 @@ async def _eval(
                 latencies.append(time.perf_counter() - t0)
                 predicted[s: s + len(chunk)] = response.labels
                 versions.add((response.model, int(response.version)))
-                done += len(chunk)
-                if progress:
-                    print(f"\r{done}/{n} images", end="", file=sys.stderr, flush=True)
+                progress.advance(len(chunk))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - t0
-    if progress:
-        print(file=sys.stderr)
+    progress.close()
     lat = np.array(latencies)
     return {"predicted": predicted, "elapsed_s": elapsed, "versions": sorted(versions),
             "p50_s": float(np.median(lat)), "p99_s": float(np.percentile(lat, 99)),
@@ -194,12 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     try:
-        creds = None
-        if args.tls or args.tls_ca:
-            creds = grpc.ssl_channel_credentials(*(
-                Path(p).read_bytes() if p else None
-                for p in (args.tls_ca, args.tls_key, args.tls_cert)
-            ))
+        creds = credentials(args.tls, args.tls_ca, args.tls_cert, args.tls_key)
         out = asyncio.run(_eval(args, np.ascontiguousarray(images), creds))
     except grpc.aio.AioRpcError as e:
         raise ClientError(_rpc_message(args.target, e), e.code()) from None
@@ -234,33 +269,83 @@ def _rpc_message(target: str, e: grpc.aio.AioRpcError) -> str:
     return f"{e.code().name}: {details}"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (except empty ones), keeps the description's layout."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        empty = action.default in (None, False, "", argparse.SUPPRESS)
+        if "default" in text or empty or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """Options every command takes. Given again after the command, they are the same options
+    with no default of their own, so a value given before the command is not reset."""
+    target = os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    group = parser.add_argument_group("options of every command (before or after it)")
+
+    def add(*flags: str, default: Any, help: str, **kw: Any) -> None:
+        if after_command:
+            shown = f" (default: {default})" if default not in (None, False, "") else ""
+            group.add_argument(*flags, default=argparse.SUPPRESS, help=help + shown, **kw)
+        else:
+            group.add_argument(*flags, default=default, help=help, **kw)
+
+    add("--target", default=target, help=f"server host:port (${TARGET_ENV} sets the default)")
+    add("--json", default=False, action="store_true", help="machine-readable output")
+    add("--timeout-s", default=30.0, type=float, help="per-request deadline, seconds")
+    add("--model", default="", help="model name (default: the server's default model)")
+    add("--version", default=0, type=int, help="model version (default 0: the current one)")
+    add("--label", default="", help="version label, e.g. stable")
+    add("--no-progress", default=False, action="store_true",
+        help="no progress bar, even on a terminal")
+    add("--tls", default=False, action="store_true", help="use TLS with the system roots")
+    add("--tls-ca", default=None, help="PEM CA bundle to verify the server")
+    add("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    add("--tls-key", default=None, help="PEM key of --tls-cert")
+    add("--tls-server-name", default=None, help="expected server name, if not the host")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-client", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--timeout-s", type=float, default=30.0, help="per-request deadline")
-    parser.add_argument("--model", default="", help="model name (default: server's default)")
-    parser.add_argument("--version", type=int, default=0, help="model version (0: current)")
-    parser.add_argument("--label", default="", help="version label, e.g. stable")
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system roots")
-    parser.add_argument("--tls-ca", help="PEM CA bundle to verify the server")
-    parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
-    parser.add_argument("--tls-server-name", help="expected server name, if not the host")
+    parser = argparse.ArgumentParser(
+        prog="mnist-client", description=__doc__, formatter_class=HelpFormatter
+    )
+    _global_options(parser, after_command=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, after_command=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("classify", help="classify .npy, IDX or image (PNG/JPEG) files")
-    c.add_argument("files", nargs="+")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                              formatter_class=HelpFormatter)
+
+    c = command("classify", "classify .npy, IDX or image (PNG/JPEG) files, directories, globs "
+                            "or stdin (-)")
+    c.add_argument("files", nargs="+", metavar="INPUT",
+                   help="a file, a directory (its image, .npy and IDX files), a glob, or - "
+                        "for stdin")
     c.add_argument("--batch-size", type=int, default=256, help="images per request")
+    c.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     c.set_defaults(run=cmd_classify)
-    e = sub.add_parser("eval", help="accuracy and throughput on an IDX test set")
+    e = command("eval", "accuracy and throughput on an IDX test set")
     e.add_argument("--data-dir", required=True, help="directory with t10k-*-ubyte[.gz]")
     e.add_argument("--batch-size", type=int, default=256, help="images per request")
     e.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    e.add_argument("--limit", type=int, default=0, help="only the first N images")
+    e.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     e.set_defaults(run=cmd_eval)
-    m = sub.add_parser("models", help="models, versions, states and labels")
+    m = command("models", "models, versions, states and labels")
+    m.add_argument("--full", action="store_true",
+                   help="with --json: every field, the training metadata included")
     m.set_defaults(run=cmd_models)
-    admin_cli.register(sub)
+    s = command("show", "a model card: architecture, data, training, accuracy, confusion "
+                        "matrix")
+    s.add_argument("name", metavar="MODEL", help="model name")
+    s.add_argument("show_version", metavar="VERSION", type=int, nargs="?", default=0,
+                   help="version (default: the current one, the only one the server describes)")
+    s.set_defaults(run=cmd_show)
+    admin_cli.register(sub, parents=[common], formatter_class=HelpFormatter)
     return parser
 
 
@@ -270,9 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mnist-client: --batch-size and --concurrency must be at least 1", file=sys.stderr)
         return 2
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()
+        return code
     except (ClientError, InputError) as e:
         print(f"mnist-client: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`mnist-client classify ... | head`): stop quietly. Python's
+        # documented advice (library/signal.html, "Note on SIGPIPE"): point stdout at devnull
+        # so the interpreter's final flush does not fail again, and exit 1.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ into 20x20 keeping the aspect ratio, then shift so the centre of mass is the ima
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -22,19 +23,23 @@ class ImageError(Exception):
     """The file is not a readable image (the message names the file)."""
 
 
-def load_image(path: Path) -> Uint8Array:
-    """The MNIST-style (28, 28) uint8 image for an image file."""
+def load_image(source: Path | BinaryIO, name: str | None = None) -> Uint8Array:
+    """The MNIST-style (28, 28) uint8 image for an image file (or open binary stream);
+    errors name `name`, by default the path."""
+    name = name or str(source)
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise ImageError(
-            f"{path}: reading images needs Pillow: pip install 'mnist-serving[image]'"
+            f"{name}: reading images needs Pillow: pip install 'mnist-serving[image]'"
         ) from None
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             gray = np.asarray(img.convert("L"), dtype=np.uint8)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: too many pixels to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"{path}: not an image Pillow can read ({e})") from None
+        raise ImageError(f"{name}: not an image Pillow can read ({e})") from None
     return preprocess(gray)
 
 
