@@ -72,6 +72,10 @@ def _num(value: Any, fmt: str = "g") -> str | None:
     return format(value, fmt)
 
 
+def _text(value: Any) -> str | None:
+    return value[:200] if isinstance(value, str) and value else None
+
+
 def _join(*parts: str | None) -> str:
     return ", ".join(p for p in parts if p)
 
@@ -89,19 +93,20 @@ def card(info: pb.ModelInfo) -> str:
 
     row("trained", " ".join(p for p in (
         info.created_at or None,
-        f"by trainer {_get(meta, 'trainer_version')}" if _get(meta, "trainer_version") else None,
+        f"by trainer {_text(_get(meta, 'trainer_version'))}"
+        if _text(_get(meta, "trainer_version")) else None,
     ) if p))
     sizes = list(info.layer_sizes)
     activations = _get(meta, "activations")
-    acts = (", ".join(str(a) for a in activations)
+    acts = (", ".join(str(_text(a)) for a in activations)
             if isinstance(activations, list) else None)
-    output = _get(meta, "output")
+    output = _text(_get(meta, "output"))
     params = sum(a * b + b for a, b in itertools.pairwise(sizes))
     row("architecture", _join(
         "MLP " + "-".join(str(s) for s in sizes) if sizes else None,
         f"{acts} -> {output}" if acts and output else None,
         f"{params:,} parameters" if sizes else None,
-        f"loss {_get(meta, 'cost')}" if isinstance(_get(meta, "cost"), str) else None,
+        f"loss {_text(_get(meta, 'cost'))}" if _text(_get(meta, "cost")) else None,
     ))
     row("input", f"28x28 pixels, uint8 0..255 (0 = background) or float 0..1; up to "
                  f"{info.input.max_images_per_request} images a request"
@@ -110,7 +115,7 @@ def card(info: pb.ModelInfo) -> str:
     train, val = _get(meta, "training", "train_examples"), _get(
         meta, "training", "validation_examples")
     row("data", _join(
-        _get(meta, "data", "name") if isinstance(_get(meta, "data", "name"), str) else None,
+        _text(_get(meta, "data", "name")),
         f"{_get(meta, 'data', 'train_count'):,} training images"
         if _num(_get(meta, "data", "train_count")) else None,
         f"{train:,} train / {val:,} validation" if _num(train) and _num(val) else None,
@@ -124,9 +129,9 @@ def card(info: pb.ModelInfo) -> str:
         if _num(_get(t, key)) and _get(t, key)
     ))
     row("training", _join(
-        str(_get(t, "optimizer")) if _get(t, "optimizer") else None,
+        _text(_get(t, "optimizer")),
         f"learning rate {_num(_get(t, 'learning_rate'))}"
-        + (f" ({_get(t, 'schedule')})" if isinstance(_get(t, "schedule"), str) else "")
+        + (f" ({_text(_get(t, 'schedule'))})" if _text(_get(t, "schedule")) else "")
         if _num(_get(t, "learning_rate")) else None,
         f"batch {_num(_get(t, 'batch_size'))}" if _num(_get(t, "batch_size")) else None,
         f"{_num(_get(t, 'epochs_run'))} epochs" if _num(_get(t, "epochs_run")) else None,

@@ -293,7 +293,7 @@ def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> 
         else:
             group.add_argument(*flags, default=default, help=help, **kw)
 
-    add("--target", default=target, help=f"server host:port (${TARGET_ENV} sets the default)")
+    add("--target", default=target, help=f"server host:port (or set ${TARGET_ENV})")
     add("--json", default=False, action="store_true", help="machine-readable output")
     add("--timeout-s", default=30.0, type=float, help="per-request deadline, seconds")
     add("--model", default="", help="model name (default: the server's default model)")
