@@ -48,18 +48,20 @@ class Source:
     path: Path | None = None
     stream: BinaryIO | None = None
     _data: bytes | None = None
+    _images: npt.NDArray[Any] | None = None
 
     def _bytes(self) -> bytes:
-        if self._data is None:
-            if self.stream is not None:
+        """The source's bytes; only stdin's are kept (it cannot be read twice), so a long list
+        of files holds one file at a time."""
+        if self.stream is not None:
+            if self._data is None:
                 self._data = self.stream.read()
-            else:
-                assert self.path is not None
-                try:
-                    self._data = self.path.read_bytes()
-                except OSError as e:
-                    raise InputError(f"{self.name}: cannot read: {e.strerror or e}") from None
-        return self._data
+            return self._data
+        assert self.path is not None
+        try:
+            return self.path.read_bytes()
+        except OSError as e:
+            raise InputError(f"{self.name}: cannot read: {e.strerror or e}") from None
 
     def count(self) -> int | None:
         """How many images the source holds, from its header; None if that is not cheap."""
@@ -80,7 +82,14 @@ class Source:
             return None  # load() reports it, in its turn
 
     def load(self) -> npt.NDArray[Any]:
-        """(n, 28, 28) uint8 or float images."""
+        """(n, 28, 28) uint8 or float images (stdin's are decoded once: count() loads them)."""
+        if self.stream is None:
+            return self._decode()
+        if self._images is None:
+            self._images = self._decode()
+        return self._images
+
+    def _decode(self) -> npt.NDArray[Any]:
         if self.path is not None and self.path.suffix == ".npy":
             try:
                 return _npy(self.name, np.load(self.path, allow_pickle=False))
