@@ -85,15 +85,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 yield images[start: start + args.batch_size]
 
     writer = ResultWriter(sys.stdout, progress, as_json=args.json, prefix_names=total != 1)
-    with _client(args) as client:
-        for result in client.classify_many(
-            batches(), concurrency=args.concurrency, model=args.model, version=args.version,
-            label=args.label,
-        ):
-            name, start, size = origin.popleft()
-            writer.write(result, name, start, size)
-            progress.advance(len(result.labels))
-    progress.close()
+    try:
+        with _client(args) as client:
+            for result in client.classify_many(
+                batches(), concurrency=args.concurrency, model=args.model,
+                version=args.version, label=args.label,
+            ):
+                name, start, size = origin.popleft()
+                writer.write(result, name, start, size)
+                progress.advance(len(result.labels))
+    finally:
+        progress.close()  # an error message then starts on a clean line
     if failed:
         raise failed[0]
     writer.finish()

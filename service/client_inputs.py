@@ -68,6 +68,8 @@ class Source:
         try:
             if self.path is None:
                 return len(self.load())
+            if self.path.suffix.lower() in IMAGE_SUFFIXES:
+                return 1
             if self.path.suffix == ".npy":
                 arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
                 return int(arr.size // INPUT_SIZE) or None
@@ -75,9 +77,7 @@ class Source:
                 head = f.read(8)
             if head[:4] == IDX_IMAGES_MAGIC:
                 return int.from_bytes(head[4:8], "big")
-            if head[:2] == GZIP_MAGIC:
-                return None
-            return 1 if self.path.suffix.lower() in IMAGE_SUFFIXES else None
+            return None
         except (OSError, ValueError, InputError):
             return None  # load() reports it, in its turn
 
