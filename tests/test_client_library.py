@@ -195,7 +195,7 @@ def test_classify_many_yields_in_input_order(scripted: Callable[..., ScriptedSer
 def test_classify_many_bounds_what_is_in_flight_and_read_ahead(
     scripted: Callable[..., ScriptedServer],
 ) -> None:
-    server = scripted(delay_s=lambda tag: 0.05)
+    server = scripted(delay_s=lambda tag: 0.2)  # long enough that all 3 overlap
     pulled = 0
 
     def batches() -> Iterator[np.ndarray]:
@@ -236,6 +236,6 @@ def test_async_classify_many_order_and_bound(scripted: Callable[..., ScriptedSer
 
     slow = scripted(delay_s=slow_first)  # batch 0 is answered last
     assert asyncio.run(go(slow.target)) == list(range(8))
-    steady = scripted(delay_s=lambda tag: 0.05)
+    steady = scripted(delay_s=lambda tag: 0.2)
     assert asyncio.run(go(steady.target)) == list(range(8))
     assert steady.servicer.max_inflight == 3
