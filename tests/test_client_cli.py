@@ -234,6 +234,9 @@ def test_global_options_after_the_command(server: ServerThread, tmp_path: Path,
     assert json.loads(capsys.readouterr().out)[0]["name"] == "mnist"
     assert main(["models", "--target", server.target]) == 0
     assert "mnist  current 1" in capsys.readouterr().out
+    # The admin commands take them too (this server has no admin service: a clean refusal).
+    assert main(["rescan", "--target", server.target, "--json", "--admin-token", "t"]) == 1
+    assert "Rescan: UNIMPLEMENTED" in capsys.readouterr().err
 
 
 def test_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
