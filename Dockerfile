@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # mnist-serving: one image for the server (default command) and the trainer (`mnist-train`).
 #   docker build -t mnist-serving:0.1.0 .
 # Stage 1 builds a virtualenv from wheels; stage 2 copies only that venv and the committed

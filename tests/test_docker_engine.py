@@ -1,0 +1,293 @@
+"""The compose stack on a real Docker engine: the image built from the Dockerfile, the repository's
+docker-compose.yml brought up, scaled, retrained, rolled back, killed and stopped.
+
+One engine per module (tests/docker_support.py, scripts/docker-engine.sh): Debian's dockerd
+started by hand with its own roots and socket, without iptables, NAT or ip_forward changes,
+stopped at the end whatever happened. The tests run in file order on one stack, each leaving it
+in the state the next one starts from, as an operator would walk through docs/deployment.md.
+What cannot be pulled here is made locally (scripts/docker-engine.sh: the base image, nginx and
+Prometheus stand-ins under the tags compose pins); Grafana has no image here and is left out.
+Where no engine can run (no root, no kernel support) the module says so and skips, and fails
+in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+import grpc
+import numpy as np
+import pytest
+import yaml
+from conftest import uint8_request
+from docker_support import ADMIN_TOKEN, Engine, Stack, engine_or_skip, running_engine, wait_for
+from test_compose_wiring import synthetic_mnist
+
+from service.pb.mnist.v1 import classifier_pb2 as pb
+from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+K8S_DEPLOYMENT = ROOT / "deploy" / "k8s" / "deployment.yaml"
+# The retry policy docs/deployment.md ("What no request lost takes") tells clients to use.
+RETRY_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "mnist.v1.Classifier", "method": "Classify"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
+}]})
+IMAGES = np.zeros((2, 28, 28), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    engine_or_skip()
+    with running_engine() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def stack(engine: Engine) -> Iterator[Stack]:
+    stack = Stack(engine)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        try:
+            stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "15")
+        except AssertionError as e:  # the engine's stop removes what is left
+            print(f"compose down failed: {e}")
+
+
+def stub_for(stack: Stack) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
+    channel = grpc.insecure_channel(stack.target, options=[("grpc.service_config", RETRY_CONFIG)])
+    return channel, pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
+
+
+def versions_answered(stack: Stack, n: int) -> list[int]:
+    """The versions of `n` consecutive RPCs through the balancer (round robin over replicas)."""
+    channel, stub = stub_for(stack)
+    with channel:
+        return [stub.Classify(uint8_request(IMAGES), timeout=10).version for _ in range(n)]
+
+
+def server_process_status(engine: Engine, container: str) -> dict[str, str]:
+    """/proc/<pid>/status of the server process, as the kernel sees it (not as Docker says)."""
+    init_pid = engine.inspect(container)["State"]["Pid"]  # docker-init, as compose's init: true
+    children = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()
+    assert len(children) == 1, f"expected one server process under docker-init, got {children}"
+    lines = Path(f"/proc/{children[0]}/status").read_text().splitlines()
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
+    status = {k: v.strip() for k, v in status.items()}
+    status["Pid"] = children[0]
+    return status
+
+
+# --- the image and one replica
+
+
+def test_server_runs_with_the_pod_security_context_of_the_k8s_manifests(
+    engine: Engine, stack: Stack
+) -> None:
+    pod = yaml.safe_load(K8S_DEPLOYMENT.read_text())["spec"]["template"]["spec"]
+    container_spec = next(c for c in pod["containers"] if c["name"] == "server")
+    pod_ctx, ctx = pod["securityContext"], container_spec["securityContext"]
+    (server,) = stack.containers("server")
+    info = engine.inspect(server)
+    host = info["HostConfig"]
+
+    assert pod_ctx["runAsNonRoot"] is True
+    assert info["Config"]["User"] == f"{pod_ctx['runAsUser']}:{pod_ctx['runAsGroup']}"
+    assert host["ReadonlyRootfs"] is ctx["readOnlyRootFilesystem"] is True
+    assert host["CapDrop"] == ctx["capabilities"]["drop"] == ["ALL"]
+    assert host["CapAdd"] in (None, [])
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert pod_ctx["seccompProfile"]["type"] == "RuntimeDefault"
+    assert not any(o.startswith("seccomp") for o in host["SecurityOpt"])  # Docker's default
+    k8s_mounts = {m["mountPath"] for m in container_spec["volumeMounts"]}
+    assert "/tmp" in k8s_mounts and "/tmp" in host["Tmpfs"]
+
+    # What the kernel enforces on the running server process.
+    status = server_process_status(engine, server)
+    assert status["Uid"].split()[:2] == [str(pod_ctx["runAsUser"])] * 2
+    assert status["Gid"].split()[:2] == [str(pod_ctx["runAsGroup"])] * 2
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"  # a filter is loaded
+    with pytest.raises(AssertionError, match="Read-only file system"):
+        engine.docker("exec", server, "sh", "-c", "echo x > /opt/venv/written")
+    engine.docker("exec", server, "sh", "-c", "echo x > /tmp/written")
+    assert info["State"]["Health"]["Status"] == "healthy"
+
+
+def test_fresh_models_volume_is_seeded_from_the_image_and_served(
+    engine: Engine, stack: Stack
+) -> None:
+    volume = stack.volume("models")
+    # Checksums of what the image copied into the fresh volume, against the committed model.
+    listing = engine.docker(
+        "run", "--rm", "--network", "none", "-v", f"{volume}:/m:ro", "--entrypoint", "sh",
+        engine.inspect(stack.containers("server")[0])["Config"]["Image"],
+        "-c", "cd /m && find . -type f | sort | xargs sha256sum && stat -c '%u:%g %n' mnist/1",
+    ).splitlines()
+    committed = sorted(p for p in (ROOT / "models").rglob("*") if p.is_file())
+    expected = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{p.relative_to(ROOT / 'models')}"
+                for p in committed]
+    assert listing[:-1] == expected
+    assert listing[-1] == "10001:10001 mnist/1"  # the trainer (uid 10001) can publish beside it
+    assert versions_answered(stack, 3) == [1, 1, 1]
+
+
+# --- three replicas
+
+
+def test_three_replicas_share_the_load_and_prometheus_scrapes_each(stack: Stack) -> None:
+    stack.up("--scale", "server=3", "--no-recreate")
+    assert len(stack.containers("server")) == 3
+
+    def three_up() -> bool:
+        targets = stack.mnist_targets()
+        return len(targets) == 3 and all(t["health"] == "up" for t in targets)
+
+    wait_for(three_up, 60, "Prometheus to scrape three replicas",
+             lambda: json.dumps(stack.mnist_targets(), indent=1))
+    promql = 'sum by (instance) (mnist_requests_total{method="Classify"})'
+    before = stack.query(promql)
+    sent = 90
+    assert versions_answered(stack, sent) == [1] * sent
+
+    per_replica: dict[str, float] = {}
+
+    def all_counted() -> bool:
+        nonlocal per_replica
+        after = stack.query(promql)
+        per_replica = {i: v - before.get(i, 0.0) for i, v in after.items()}
+        return sum(per_replica.values()) >= sent
+
+    wait_for(all_counted, 30, "Prometheus to count every RPC", lambda: str(per_replica))
+    assert len(per_replica) == 3 and sum(per_replica.values()) == sent
+    assert min(per_replica.values()) >= sent / 3 / 2, per_replica  # round robin, roughly fair
+
+
+def test_trainer_publishes_into_the_volume_and_every_replica_serves_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    synthetic_mnist(data)
+    data.chmod(0o755)
+    out = stack.compose(
+        "run", "--rm", "--no-deps", "-v", f"{data}:/data:ro", "trainer",
+        "--epochs", "3", "--hidden", "32", "--seed", "1", "--quiet", "--json", timeout_s=300,
+    )
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["version"] == 2 and summary["path"] == "/models/mnist/2"
+
+    wait_for(lambda: set(versions_answered(stack, 9)) == {2}, 20,
+             "every replica to answer with version 2", stack.logs)
+    wait_for(lambda: set(stack.query('mnist_model_current_version{model="mnist"}').values())
+             == {2.0}, 20, "Prometheus to see version 2 current on every replica")
+    assert len(stack.query('mnist_model_current_version{model="mnist"}')) == 3
+
+
+def test_rollback_through_each_replicas_admin_api_reaches_all(engine: Engine, stack: Stack) -> None:
+    for server in stack.containers("server"):
+        engine.docker("exec", "-e", f"MNIST_ADMIN_TOKEN={ADMIN_TOKEN}", server,
+                      "mnist-client", "--target", "127.0.0.1:50051", "set-current", "mnist", "1")
+    assert set(versions_answered(stack, 9)) == {1}
+    wait_for(lambda: set(stack.query('mnist_model_current_version{model="mnist"}').values())
+             == {1.0}, 20, "Prometheus to see version 1 current on every replica")
+
+
+# --- scale down under load
+
+
+@dataclass
+class Load:
+    """Closed-loop clients through the balancer, with the documented retry policy."""
+
+    stack: Stack
+    clients: int = 4
+    latencies_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _run(self) -> None:
+        channel, stub = stub_for(self.stack)
+        request = uint8_request(IMAGES)
+        with channel:
+            for _ in range(20_000):  # bounded whatever happens to `stop`
+                if self.stop.is_set():
+                    return
+                start = time.monotonic()
+                try:
+                    stub.Classify(request, timeout=10)
+                except grpc.RpcError as e:
+                    self.errors.append(f"{e.code().name}: {e.details()}")
+                self.latencies_s.append(time.monotonic() - start)
+
+    def __enter__(self) -> Load:
+        self.threads = [threading.Thread(target=self._run) for _ in range(self.clients)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def test_scale_down_under_load_loses_no_request(stack: Stack) -> None:
+    with Load(stack) as load:
+        time.sleep(1)
+        started = len(load.latencies_s)
+        stack.up("--scale", "server=1", "--no-recreate")
+        # Past the balancer's resolver cache (valid=...) of the removed replicas' addresses.
+        time.sleep(4)
+    assert len(stack.containers("server")) == 1
+    assert started > 0 and len(load.latencies_s) > started + 100, "the load did not run"
+    assert load.errors == []
+    slowest = max(load.latencies_s)
+    assert slowest < 0.5, f"slowest RPC took {slowest:.3f} s across the scale-down"
+
+
+# --- failures
+
+
+def test_killed_server_process_is_restarted_by_the_restart_policy(
+    engine: Engine, stack: Stack
+) -> None:
+    (server,) = stack.containers("server")
+    restarts = engine.inspect(server)["RestartCount"]
+    pid = int(server_process_status(engine, server)["Pid"])
+    os.kill(pid, signal.SIGKILL)  # the process inside the container, not the container
+
+    def healthy_again() -> bool:
+        state = engine.inspect(server)
+        return bool(state["RestartCount"] > restarts and state["State"]["Running"]
+                    and state["State"]["Health"]["Status"] == "healthy")
+
+    wait_for(healthy_again, 60, "the server container to restart and turn healthy", stack.logs)
+    assert server_process_status(engine, server)["Pid"] != str(pid)
+    assert versions_answered(stack, 3) == [2, 2, 2]  # the pin was in memory; the policy rules
+
+
+def test_sigterm_drains_and_the_server_exits_zero(engine: Engine, stack: Stack) -> None:
+    (server,) = stack.containers("server")
+    with Load(stack, clients=2) as load:
+        time.sleep(1)
+        engine.docker("stop", "--time", "15", server, timeout_s=60)
+    state = engine.inspect(server)["State"]
+    logs = engine.docker("logs", "--tail", "30", server)
+    assert state["ExitCode"] == 0, f"{state}\n{logs}"
+    assert not state["OOMKilled"]
+    assert load.latencies_s, "no RPC ran before the stop"
+    engine.docker("start", server)
+    stack.up()
