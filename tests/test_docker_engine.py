@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
@@ -30,7 +31,6 @@ from conftest import uint8_request
 from docker_support import ADMIN_TOKEN, Engine, Stack, engine_or_skip, running_engine, wait_for
 from test_compose_wiring import synthetic_mnist
 
-from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
@@ -112,13 +112,15 @@ def test_server_runs_with_the_pod_security_context_of_the_k8s_manifests(
     assert pod_ctx["seccompProfile"]["type"] == "RuntimeDefault"
     assert not any(o.startswith("seccomp") for o in host["SecurityOpt"])  # Docker's default
     k8s_mounts = {m["mountPath"] for m in container_spec["volumeMounts"]}
-    assert "/tmp" in k8s_mounts and "/tmp" in host["Tmpfs"]
+    assert "/tmp" in k8s_mounts
+    assert "/tmp" in host["Tmpfs"]
 
     # What the kernel enforces on the running server process.
     status = server_process_status(engine, server)
     assert status["Uid"].split()[:2] == [str(pod_ctx["runAsUser"])] * 2
     assert status["Gid"].split()[:2] == [str(pod_ctx["runAsGroup"])] * 2
-    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+    assert int(status["CapEff"], 16) == 0
+    assert int(status["CapPrm"], 16) == 0
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"  # a filter is loaded
     with pytest.raises(AssertionError, match="Read-only file system"):
@@ -172,7 +174,8 @@ def test_three_replicas_share_the_load_and_prometheus_scrapes_each(stack: Stack)
         return sum(per_replica.values()) >= sent
 
     wait_for(all_counted, 30, "Prometheus to count every RPC", lambda: str(per_replica))
-    assert len(per_replica) == 3 and sum(per_replica.values()) == sent
+    assert len(per_replica) == 3
+    assert sum(per_replica.values()) == sent
     assert min(per_replica.values()) >= sent / 3 / 2, per_replica  # round robin, roughly fair
 
 
@@ -187,7 +190,8 @@ def test_trainer_publishes_into_the_volume_and_every_replica_serves_it(
         "--epochs", "3", "--hidden", "32", "--seed", "1", "--quiet", "--json", timeout_s=300,
     )
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["version"] == 2 and summary["path"] == "/models/mnist/2"
+    assert summary["version"] == 2
+    assert summary["path"] == "/models/mnist/2"
 
     wait_for(lambda: set(versions_answered(stack, 9)) == {2}, 20,
              "every replica to answer with version 2", stack.logs)
@@ -213,7 +217,10 @@ class Load:
     """Closed-loop clients through the balancer, with the documented retry policy."""
 
     stack: Stack
-    clients: int = 4
+    clients: int = 3
+    # Paced, not flat out: the point is what a replica's removal costs an RPC, not how slow a
+    # saturated 2-core machine gets (every replica, nginx and these clients share it).
+    pause_s: float = 0.01
     latencies_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -231,6 +238,7 @@ class Load:
                 except grpc.RpcError as e:
                     self.errors.append(f"{e.code().name}: {e.details()}")
                 self.latencies_s.append(time.monotonic() - start)
+                self.stop.wait(self.pause_s)
 
     def __enter__(self) -> Load:
         self.threads = [threading.Thread(target=self._run) for _ in range(self.clients)]
@@ -249,10 +257,13 @@ def test_scale_down_under_load_loses_no_request(stack: Stack) -> None:
         time.sleep(1)
         started = len(load.latencies_s)
         stack.up("--scale", "server=1", "--no-recreate")
-        # Past the balancer's resolver cache (valid=...) of the removed replicas' addresses.
-        time.sleep(4)
+        # Long enough for the balancer to try the removed replicas' addresses from its resolver
+        # cache after their containers are gone, and again after fail_timeout: with
+        # `valid=5s` and `grpc_connect_timeout 1s` this saw RPCs of 1.0 s in two of four runs.
+        time.sleep(8)
     assert len(stack.containers("server")) == 1
-    assert started > 0 and len(load.latencies_s) > started + 100, "the load did not run"
+    assert started > 0, "the load did not start"
+    assert len(load.latencies_s) > started + 100, "the load did not run across the scale-down"
     assert load.errors == []
     slowest = max(load.latencies_s)
     assert slowest < 0.5, f"slowest RPC took {slowest:.3f} s across the scale-down"
