@@ -54,6 +54,8 @@ start() {
   mkdir -p "$CACHE"
   # One engine per data root. Held by the dockerd process itself (fd 9 is inherited), so it is
   # released whenever that process ends, even if nobody calls stop.
+  # dockerd makes /run/docker/plugins whatever its exec root; remove it at stop if it was not there.
+  [ -e /run/docker ] || touch "$dir/made-run-docker"
   exec 9>"$CACHE/lock"
   flock -w 900 9 || die "another run holds $CACHE/lock for more than 15 minutes"
   dockerd --data-root "$CACHE/engine" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
@@ -63,6 +65,7 @@ start() {
   exec 9>&-
   for _ in $(seq 1 150); do
     if DOCKER_HOST="unix://$sock" "$DOCKER" version >/dev/null 2>&1; then
+      forget_old_runs "$sock"
       return 0
     fi
     kill -0 "$(cat "$dir/dockerd.pid.launched")" 2>/dev/null \
@@ -70,6 +73,19 @@ start() {
     sleep 0.2
   done
   die "dockerd did not answer in 30 s: $(tail -5 "$dir/dockerd.log")"
+}
+
+# The data root is kept between runs for its images and build cache, nothing else: containers,
+# volumes and networks a killed run left are removed (restart policies would bring its
+# containers back with the engine).
+forget_old_runs() {  # $1: socket
+  local ids
+  export DOCKER_HOST="unix://$1"
+  ids=$("$DOCKER" ps -aq)
+  [ -z "$ids" ] || "$DOCKER" rm -f $ids >/dev/null
+  "$DOCKER" volume prune -f >/dev/null
+  "$DOCKER" network prune -f >/dev/null
+  unset DOCKER_HOST
 }
 
 stop() {
@@ -104,6 +120,9 @@ stop() {
       ip link delete "br-${net:0:12}" || true
     fi
   done
+  if [ -f "$dir/made-run-docker" ]; then
+    rmdir /run/docker/plugins /run/docker 2>/dev/null || true
+  fi
   rm -rf "$dir/exec"
 }
 
