@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -252,6 +253,15 @@ class Load:
             t.join(timeout=30)
 
 
+def slow_balancer_lines(stack: Stack, threshold_s: float) -> list[str]:
+    """nginx's access log lines (deploy/nginx/nginx.conf `grpc` format) of RPCs that took long:
+    which replicas each was tried on and how long each try took."""
+    lines = stack.compose("logs", "--no-color", "lb", timeout_s=60).splitlines()
+    slow = [line for line in lines
+            if (m := re.search(r" rt=([0-9.]+)", line)) and float(m.group(1)) >= threshold_s]
+    return slow[-20:]
+
+
 def test_scale_down_under_load_loses_no_request(stack: Stack) -> None:
     with Load(stack) as load:
         time.sleep(1)
@@ -266,7 +276,10 @@ def test_scale_down_under_load_loses_no_request(stack: Stack) -> None:
     assert len(load.latencies_s) > started + 100, "the load did not run across the scale-down"
     assert load.errors == []
     slowest = max(load.latencies_s)
-    assert slowest < 0.5, f"slowest RPC took {slowest:.3f} s across the scale-down"
+    assert slowest < 0.5, (
+        f"slowest RPC took {slowest:.3f} s across the scale-down; the balancer's slow ones:\n"
+        + "\n".join(slow_balancer_lines(stack, 0.2))
+    )
 
 
 # --- failures
