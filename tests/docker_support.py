@@ -74,6 +74,12 @@ class Engine:
     def docker(self, *args: str, timeout_s: float = 120) -> str:
         return run([DOCKER, *args], self.env, timeout_s)
 
+    def logs(self, container: str) -> str:
+        """A container's output, both streams (the server logs to stderr)."""
+        done = subprocess.run([DOCKER, "logs", container], env=self.env, text=True, timeout=60,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        return done.stdout
+
     def inspect(self, ref: str) -> dict[str, Any]:
         found: list[dict[str, Any]] = json.loads(self.docker("inspect", ref))
         return found[0]

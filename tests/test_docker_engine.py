@@ -29,9 +29,18 @@ import numpy as np
 import pytest
 import yaml
 from conftest import uint8_request
-from docker_support import ADMIN_TOKEN, Engine, Stack, engine_or_skip, running_engine, wait_for
+from docker_support import (
+    ADMIN_TOKEN,
+    Engine,
+    Stack,
+    compose_model,
+    engine_or_skip,
+    running_engine,
+    wait_for,
+)
 from test_compose_wiring import synthetic_mnist
 
+from service.fatal import FATAL_EXIT_CODE
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
@@ -303,13 +312,55 @@ def test_killed_server_process_is_restarted_by_the_restart_policy(
     assert versions_answered(stack, 3) == [2, 2, 2]  # the pin was in memory; the policy rules
 
 
+def test_server_whose_grpc_front_end_died_exits_non_zero_and_is_restarted(
+    engine: Engine, stack: Stack
+) -> None:
+    """The image's server with the test-only fault injection (docs/serving.md), run with the
+    compose server's restart policy, init and hardening: SIGUSR2 kills its gRPC front end behind
+    its back; the process must exit non-zero (service/fatal.py) and Docker must restart it."""
+    spec = compose_model()["services"]["server"]
+    assert spec["restart"] == "unless-stopped"
+    assert spec["init"] is True
+    name = f"{stack.project}-fault"
+    engine.docker(
+        "run", "-d", "--name", name, "--network", "none", "--init",
+        "--restart", spec["restart"], "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges:true",
+        "-e", "MNIST_FAULT_INJECTION=frontend-death", "-e", "MNIST_METRICS_ENABLED=false",
+        spec["image"], *spec["command"],
+    )
+    try:
+        wait_for(lambda: "event=fault_injection_armed" in engine.logs(name),
+                 60, "the server to arm the fault injection", lambda: engine.logs(name))
+        since = str(int(time.time()) - 1)
+        pid = int(server_process_status(engine, name)["Pid"])
+        os.kill(pid, signal.SIGUSR2)
+
+        def restarted() -> bool:
+            state = engine.inspect(name)
+            return bool(state["RestartCount"] >= 1 and state["State"]["Running"])
+
+        wait_for(restarted, 60, "the container to be restarted",
+                 lambda: engine.logs(name))
+        until = str(int(time.time()) + 1)
+        died = engine.docker("events", "--since", since, "--until", until, "--filter",
+                             f"container={name}", "--filter", "event=die",
+                             "--format", "{{.Actor.Attributes.exitCode}}").split()
+        assert died, "no die event"
+        assert died[0] not in ("0", "137"), f"exit code {died[0]}: not the server's own exit"
+        assert died[0] == str(FATAL_EXIT_CODE)
+        assert "event=fatal" in engine.logs(name)
+    finally:
+        engine.docker("rm", "-f", name)
+
+
 def test_sigterm_drains_and_the_server_exits_zero(engine: Engine, stack: Stack) -> None:
     (server,) = stack.containers("server")
     with Load(stack, clients=2) as load:
         time.sleep(1)
         engine.docker("stop", "--time", "15", server, timeout_s=60)
     state = engine.inspect(server)["State"]
-    logs = engine.docker("logs", "--tail", "30", server)
+    logs = engine.logs(server)[-3000:]
     assert state["ExitCode"] == 0, f"{state}\n{logs}"
     assert not state["OOMKilled"]
     assert load.latencies_s, "no RPC ran before the stop"
