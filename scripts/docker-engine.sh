@@ -54,10 +54,22 @@ start() {
   mkdir -p "$CACHE"
   # One engine per data root. Held by the dockerd process itself (fd 9 is inherited), so it is
   # released whenever that process ends, even if nobody calls stop.
+  exec 9>"$CACHE/lock"
+  if ! flock -n 9; then
+    # Held by the engine of another run. If the process that started it is gone (a test run
+    # killed before its teardown), that engine is an orphan: stop it and take over.
+    local owner owner_dir
+    read -r owner owner_dir <"$CACHE/owner" 2>/dev/null || true
+    if [ -n "${owner:-}" ] && ! kill -0 "$owner" 2>/dev/null && [ -d "${owner_dir:-}" ]; then
+      echo "docker-engine: stopping the engine of a run that is gone ($owner_dir)" >&2
+      stop "$owner_dir"
+      rm -rf "$owner_dir"
+    fi
+    flock -w 900 9 || die "another run holds $CACHE/lock for more than 15 minutes"
+  fi
+  echo "$PPID $dir" >"$CACHE/owner"  # the process that asked for the engine
   # dockerd makes /run/docker/plugins whatever its exec root; remove it at stop if it was not there.
   [ -e /run/docker ] || touch "$dir/made-run-docker"
-  exec 9>"$CACHE/lock"
-  flock -w 900 9 || die "another run holds $CACHE/lock for more than 15 minutes"
   dockerd --data-root "$CACHE/engine" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
     -H "unix://$sock" --iptables=false --ip-forward=false --bridge=none \
     --storage-driver overlay2 --log-level warn >"$dir/dockerd.log" 2>&1 &
@@ -113,8 +125,8 @@ stop() {
     kill -KILL "$pid" 2>/dev/null || true
   done
   # Mounts the engine can leave: overlays under the data root, netns and shm under the exec root.
-  awk '{print $2}' /proc/mounts | grep -E "^($CACHE/engine|$dir/exec)(/|$)" | sort -r \
-    | while read -r mnt; do umount -l "$mnt" || true; done
+  awk '{print $2}' /proc/mounts | { grep -E "^($CACHE/engine|$dir/exec)(/|$)" || true; } \
+    | sort -r | while read -r mnt; do umount -l "$mnt" || true; done
   for net in $networks; do
     if ip link show "br-${net:0:12}" >/dev/null 2>&1; then
       ip link delete "br-${net:0:12}" || true

@@ -43,7 +43,8 @@ from test_compose_wiring import synthetic_mnist
 from service.fatal import FATAL_EXIT_CODE
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.slow
+# The first test also waits for the engine (and for another run holding it, up to 15 min).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DEPLOYMENT = ROOT / "deploy" / "k8s" / "deployment.yaml"
 # The retry policy docs/deployment.md ("What no request lost takes") tells clients to use.
