@@ -24,11 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import uint8_request
 from docker_support import (
     ADMIN_TOKEN,
     Engine,
@@ -40,19 +38,13 @@ from docker_support import (
 )
 from test_compose_wiring import synthetic_mnist
 
+from service.client import ClassifierClient, ClientError
 from service.fatal import FATAL_EXIT_CODE
-from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
 # The first test also waits for the engine (and for another run holding it, up to 15 min).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DEPLOYMENT = ROOT / "deploy" / "k8s" / "deployment.yaml"
-# The retry policy docs/deployment.md ("What no request lost takes") tells clients to use.
-RETRY_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": "mnist.v1.Classifier", "method": "Classify"}],
-    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
-                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
-}]})
 IMAGES = np.zeros((2, 28, 28), dtype=np.uint8)
 
 
@@ -76,16 +68,10 @@ def stack(engine: Engine) -> Iterator[Stack]:
             print(f"compose down failed: {e}")
 
 
-def stub_for(stack: Stack) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
-    channel = grpc.insecure_channel(stack.target, options=[("grpc.service_config", RETRY_CONFIG)])
-    return channel, pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
-
-
 def versions_answered(stack: Stack, n: int) -> list[int]:
     """The versions of `n` consecutive RPCs through the balancer (round robin over replicas)."""
-    channel, stub = stub_for(stack)
-    with channel:
-        return [stub.Classify(uint8_request(IMAGES), timeout=10).version for _ in range(n)]
+    with ClassifierClient(stack.target, timeout_s=10) as client:
+        return [client.classify(IMAGES).version for _ in range(n)]
 
 
 def server_process_status(engine: Engine, container: str) -> dict[str, str]:
@@ -225,7 +211,8 @@ def test_rollback_through_each_replicas_admin_api_reaches_all(engine: Engine, st
 
 @dataclass
 class Load:
-    """Closed-loop clients through the balancer, with the documented retry policy."""
+    """Closed-loop clients through the balancer: the client library with its default retry
+    policy (service/client.py, the one docs/deployment.md asks clients to use)."""
 
     stack: Stack
     clients: int = 3
@@ -237,17 +224,15 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def _run(self) -> None:
-        channel, stub = stub_for(self.stack)
-        request = uint8_request(IMAGES)
-        with channel:
+        with ClassifierClient(self.stack.target, timeout_s=10) as client:  # default retry
             for _ in range(20_000):  # bounded whatever happens to `stop`
                 if self.stop.is_set():
                     return
                 start = time.monotonic()
                 try:
-                    stub.Classify(request, timeout=10)
-                except grpc.RpcError as e:
-                    self.errors.append(f"{e.code().name}: {e.details()}")
+                    client.classify(IMAGES)
+                except ClientError as e:
+                    self.errors.append(str(e))
                 self.latencies_s.append(time.monotonic() - start)
                 self.stop.wait(self.pause_s)
 
