@@ -18,6 +18,9 @@ RUN /opt/venv/bin/pip install --only-binary=:all: -r requirements/build.lock \
 COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY trainer /src/trainer
+# The client too: operators run `docker exec ... mnist-client set-current` inside a container
+# (docs/deployment.md), and the real-engine test does.
+COPY mnist_client /src/mnist_client
 # Installed as a wheel (not editable) and byte-compiled here, so containers start without
 # compiling and run on a read-only root file system; the locked setuptools builds it.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /src

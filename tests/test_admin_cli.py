@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ServerThread, make_model, write_version
 
-from service.client_cli import main
+from mnist_client.cli import main
 
 TOKEN = "cli-token"
 

@@ -13,9 +13,9 @@ from conftest import ServerThread, make_model
 from numerics import assert_probabilities
 from procs import free_port
 
-from service.client import ClassifierClient, ClientError
-from service.client_cli import main
-from service.images import preprocess
+from mnist_client.cli import main
+from mnist_client.client import ClassifierClient, ClientError
+from mnist_client.images import preprocess
 from service.model import pixels_to_input
 
 

@@ -24,8 +24,8 @@ import pytest
 from conftest import ServerThread, make_model, write_version
 from procs import free_port
 
-from service.client_cli import main
-from service.images import preprocess
+from mnist_client.cli import main
+from mnist_client.images import preprocess
 from service.model import pixels_to_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def a_one() -> np.ndarray:
 def cli(*argv: str, target: str, stdin: bytes = b"", stderr: int | None = subprocess.PIPE,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "service.client_cli", "--target", target, *argv],
+        [sys.executable, "-m", "mnist_client.cli", "--target", target, *argv],
         input=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT, timeout=120,
         env={**os.environ, **(env or {})},
     )
@@ -171,7 +171,7 @@ def test_progress_on_a_terminal(server: ServerThread, tmp_path: Path) -> None:
     primary, secondary = os.openpty()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.client_cli", "--target", server.target, "classify",
+            [sys.executable, "-m", "mnist_client.cli", "--target", server.target, "classify",
              str(big_job(tmp_path)), "--batch-size", "50"],
             stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL, cwd=ROOT,
         )
@@ -193,7 +193,7 @@ def test_progress_on_a_terminal(server: ServerThread, tmp_path: Path) -> None:
     assert b"300/300 images 100%" in shown
     assert shown.endswith(b"\r\x1b[K")  # and the bar is erased at the end
     no_bar = subprocess.run(
-        [sys.executable, "-m", "service.client_cli", "--target", server.target, "--no-progress",
+        [sys.executable, "-m", "mnist_client.cli", "--target", server.target, "--no-progress",
          "classify", str(big_job(tmp_path))], stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
     assert no_bar.stderr == b""
@@ -204,7 +204,7 @@ def test_a_closed_pipe_ends_quietly(server: ServerThread, tmp_path: Path) -> Non
     path = tmp_path / "lots.npy"
     np.save(path, digits(5000, seed=1))  # ~300 KB of output: far more than a pipe holds
     client = subprocess.Popen(
-        [sys.executable, "-m", "service.client_cli", "--target", server.target, "classify",
+        [sys.executable, "-m", "mnist_client.cli", "--target", server.target, "classify",
          str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     assert client.stdout is not None
     assert client.stderr is not None
@@ -256,14 +256,14 @@ def test_mnist_target_sets_the_target(server: ServerThread) -> None:
     done = cli("models", target=server.target)  # --target given: the variable is overridden
     assert done.returncode == 0
     bare = subprocess.run(
-        [sys.executable, "-m", "service.client_cli", "models"], capture_output=True,
+        [sys.executable, "-m", "mnist_client.cli", "models"], capture_output=True,
         cwd=ROOT, timeout=120,
         env={**os.environ, "MNIST_TARGET": server.target})
     assert bare.returncode == 0, bare.stderr.decode()
     assert "mnist  current 1  labels -  test_accuracy 0.5000" in bare.stdout.decode()
     down = f"127.0.0.1:{free_port()}"
     failed = subprocess.run(
-        [sys.executable, "-m", "service.client_cli", "--timeout-s", "3", "models"],
+        [sys.executable, "-m", "mnist_client.cli", "--timeout-s", "3", "models"],
         capture_output=True, cwd=ROOT, timeout=120,
         env={**os.environ, "MNIST_TARGET": down})
     assert failed.returncode == 1

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import ServerThread, make_model
 
-from service.client import (
+from mnist_client.client import (
     AsyncClassifierClient,
     ClassifierClient,
     ClientError,

@@ -38,7 +38,7 @@ from docker_support import (
 )
 from test_compose_wiring import synthetic_mnist
 
-from service.client import ClassifierClient, ClientError
+from mnist_client.client import ClassifierClient, ClientError
 from service.fatal import FATAL_EXIT_CODE
 
 # The first test also waits for the engine (and for another run holding it, up to 15 min).
@@ -212,7 +212,7 @@ def test_rollback_through_each_replicas_admin_api_reaches_all(engine: Engine, st
 @dataclass
 class Load:
     """Closed-loop clients through the balancer: the client library with its default retry
-    policy (service/client.py, the one docs/deployment.md asks clients to use)."""
+    policy (mnist_client/client.py, the one docs/deployment.md asks clients to use)."""
 
     stack: Stack
     clients: int = 3

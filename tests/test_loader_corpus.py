@@ -31,8 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.loader_corpus import CASES, GROUPS, Case, Ctx, good_version, remove
 from versions_util import tiny_model
 
+from mnist_client.cli import main as client_main
 from service import repository
-from service.client_cli import main as client_main
 from service.model import REASONS, ModelFormatError
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc

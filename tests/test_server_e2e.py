@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import skip_or_fail
 
-from service.client_cli import main
+from mnist_client.cli import main
 from service.model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from service.client import ClientError
+from mnist_client.client import ClientError
 from service.pb.mnist.v1 import admin_pb2 as apb
 from service.pb.mnist.v1 import admin_pb2_grpc as apb_grpc
 from service.pb.mnist.v1 import classifier_pb2 as pb

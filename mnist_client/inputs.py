@@ -110,7 +110,7 @@ class Source:
         if data[:3] == IDX_IMAGES_MAGIC[:3]:
             raise InputError(f"{self.name}: an IDX file of {data[3]} dimension(s), not images "
                              "(28x28 images are 3)")
-        from service.images import ImageError, load_image
+        from mnist_client.images import ImageError, load_image
 
         try:
             return load_image(io.BytesIO(data), name=self.name)[None]

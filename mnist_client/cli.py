@@ -30,8 +30,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from service import admin_cli
-from service.client import (
+from mnist_client import admin_cli
+from mnist_client.card import card, state_name, summary
+from mnist_client.client import (
     DEFAULT_RETRY,
     DEFAULT_TARGET,
     Classification,
@@ -40,9 +41,8 @@ from service.client import (
     channel_options,
     credentials,
 )
-from service.client_card import card, state_name, summary
-from service.client_inputs import InputError, expand
-from service.client_progress import Progress
+from mnist_client.inputs import InputError, expand
+from mnist_client.progress import Progress
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
