@@ -63,7 +63,7 @@ class Settings:
         "rows take) + 2 KiB, checked before it is decoded; past it RESOURCE_EXHAUSTED"
     )
     max_door_wait_s: float = _opt(
-        0.015, "core front end, while shedding: longest a Classify/ModelInfer call waits "
+        0.05, "core front end, while shedding: longest a Classify/ModelInfer call waits "
         "unread at the door for room before RESOURCE_EXHAUSTED (0: refused at once)"
     )
     max_images_per_request: int = _opt(4096, "most images one request may carry")
