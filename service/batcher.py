@@ -155,6 +155,7 @@ class Batcher:
         max_batch_wait_s: float,
         max_queue_rows: int,
         max_queue_bytes: int = 1 << 62,
+        max_door_wait_s: float = 0.0,
         enabled: bool = True,
         forward_threads: int = 1,
         inline_max_rows: int = 0,
@@ -168,6 +169,12 @@ class Batcher:
         self._max_queue_bytes = max_queue_bytes
         self._held_bytes = 0  # charged by queued and in-flight requests, until answered
         self._shedding = False  # refuse at the door until below RESUME_FRACTION of bounds
+        self._max_door_wait = max_door_wait_s
+        self._refusal = Overloaded(
+            f"queue full: new requests are refused until what is queued falls to "
+            f"{RESUME_FRACTION:.0%} of the limits ({max_queue_bytes} bytes, {max_queue_rows} "
+            f"images); retry later"
+        )
         self.enabled = enabled
         self._inline_max_rows = inline_max_rows
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -285,15 +292,26 @@ class Batcher:
         """False while shedding: a front end refuses new calls without reading them."""
         return not self._shedding and not self._closing
 
+    def door(self, waited_s: float) -> bool | None:
+        """For a call waiting unread at the door for `waited_s`: True to let it in (read and
+        admit it), None to keep it waiting (shedding, for at most `max_door_wait_s`), False
+        to refuse it now with `refusal()` (shedding for longer than that, or waited longer
+        than that for its turn: the door bounds how long a call waits there, whatever the
+        number of callers). A call that waits costs nothing but gRPC core's
+        ~8 KiB; one let in when the batcher stops shedding is served instead of refused and
+        retried, which under a flood of retries is the CPU that goodput needs."""
+        if self._closing or waited_s > self._max_door_wait:
+            return False
+        if not self._shedding:
+            return True
+        return None if waited_s < self._max_door_wait else False
+
     def refusal(self) -> Overloaded | Unavailable:
-        """The error for a call refused at the door (while `accepting()` is False)."""
+        """The error for a call refused at the door (while `accepting()` is False): made
+        once, since under a flood every refusal costs the polling thread."""
         if self._closing:
             return Unavailable("server is shutting down")
-        return Overloaded(
-            f"queue full: {self._held_bytes} bytes and {self._queued_rows} images queued; "
-            f"new requests are refused until they fall to {RESUME_FRACTION:.0%} of the limits "
-            f"({self._max_queue_bytes} bytes, {self._max_queue_rows} images); retry later"
-        )
+        return self._refusal
 
     def admit_wire(self, wire_bytes: int) -> None:
         """Refuse a request of `wire_bytes` message bytes before anything decodes it, when

@@ -62,6 +62,10 @@ class Settings:
         "of callers: each is charged 4 bytes per byte of its message (the most its float32 "
         "rows take) + 2 KiB, checked before it is decoded; past it RESOURCE_EXHAUSTED"
     )
+    max_door_wait_s: float = _opt(
+        0.05, "core front end, while shedding: longest a Classify/ModelInfer call waits "
+        "unread at the door for room before RESOURCE_EXHAUSTED (0: refused at once)"
+    )
     max_images_per_request: int = _opt(4096, "most images one request may carry")
     inline_forward_max_rows: int = _opt(
         32, "batches formed on the event loop (ClassifyStream; every batch with --frontend aio) "
@@ -184,7 +188,8 @@ def validate(s: Settings) -> None:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")
             problems.append(f"{flag} must be at least 1, got {getattr(s, name)}")
-    for name in ("grace_period_s", "drain_delay_s", "max_batch_wait_s", "rescan_interval_s",
+    for name in ("grace_period_s", "drain_delay_s", "max_batch_wait_s", "max_door_wait_s",
+                 "rescan_interval_s",
                  "inline_forward_max_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")

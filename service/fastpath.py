@@ -69,3 +69,12 @@ class Answer:
             self._inflight.dec()
         self._metrics.request_done(self.method, self.model, self.version, code.name,
                                    self.images, time.perf_counter() - self.started)
+
+
+def refuse(metrics: Metrics, method: str, call: FastCall, error: ServiceError,
+           waited_s: float) -> None:
+    """Answer a call refused at the door with `error` (its details carry no path), counted
+    under model and version "": the least a refusal can cost the polling thread, which under
+    a flood answers thousands a second. `waited_s`: how long it waited at the door."""
+    metrics.request_done(method, "", "", error.code.name, 0, waited_s)
+    call.fail(error.code, str(error))

@@ -41,7 +41,7 @@ from service.errors import (
     Unavailable,
     status_of,
 )
-from service.fastpath import Answer
+from service.fastpath import Answer, refuse
 from service.metrics import Metrics
 from service.pb.inference import grpc_service_pb2 as pb
 from service.registry import ModelRegistry, VersionState
@@ -224,12 +224,13 @@ class InferenceServicer:
             answer.model, answer.version = job.model, job.version
             answer.set_exception(e)
 
-    def infer_gate(self, call: FastCall) -> bool:
-        """Before ModelInfer's message is read: refuse at once while the batcher sheds."""
-        if self._batcher.accepting():
-            return True
-        Answer(self._metrics, "ModelInfer", call).set_exception(self._batcher.refusal())
-        return False
+    def infer_gate(self, call: FastCall, waited_s: float) -> bool | None:
+        """Before ModelInfer's message is read: while the batcher sheds, wait unread at the
+        door (a bounded time) or be refused (servicer.classify_gate)."""
+        let_in = self._batcher.door(waited_s)
+        if let_in is False:
+            refuse(self._metrics, "ModelInfer", call, self._batcher.refusal(), waited_s)
+        return let_in
 
     # --- model-repository extension
 

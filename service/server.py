@@ -187,6 +187,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         max_batch_wait_s=settings.max_batch_wait_s,
         max_queue_rows=settings.max_queue_rows,
         max_queue_bytes=settings.max_queue_bytes,
+        max_door_wait_s=settings.max_door_wait_s,
         enabled=settings.batching,
         inline_max_rows=settings.inline_forward_max_rows,
     )

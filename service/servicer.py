@@ -22,7 +22,7 @@ import grpc
 from service import codec
 from service.batcher import Batcher, Prediction
 from service.errors import NotFound, ServiceError, status_of
-from service.fastpath import Answer
+from service.fastpath import Answer, refuse
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.registry import ModelRegistry, ServableVersion
@@ -105,13 +105,14 @@ class ClassifierServicer:
         except Exception as e:
             answer.set_exception(e)
 
-    def classify_gate(self, call: FastCall) -> bool:
+    def classify_gate(self, call: FastCall, waited_s: float) -> bool | None:
         """Before Classify's message is read (service/transport.py): while the batcher sheds,
-        refuse at once, so a flood of retries costs neither a read nor a decode."""
-        if self._batcher.accepting():
-            return True
-        Answer(self._metrics, "Classify", call).set_exception(self._batcher.refusal())
-        return False
+        the call waits unread at the door (a bounded time) or is refused, so a flood of
+        retries costs neither a read nor a decode."""
+        let_in = self._batcher.door(waited_s)
+        if let_in is False:
+            refuse(self._metrics, "Classify", call, self._batcher.refusal(), waited_s)
+        return let_in
 
     def _check_exists(self, request: pb.ClassifyRequest) -> ServableVersion:
         return self._registry.resolve(request.model, request.version, request.version_label)

@@ -13,8 +13,10 @@ measured with the same load generator. So:
   `completions_per_turn`) the idle hooks run (the batcher computes one due batch, one forward
   pass per version) and the replies go out. Requests that arrive together are answered
   together, a lone request is computed at once, and a flood of arrivals cannot starve compute
-  (nor compute the arrivals). A fast method may have a gate that refuses a call before its
-  message is even read (the batcher sheds load that way).
+  (nor compute the arrivals). A fast method may have a gate that runs before the call's
+  message is read: it lets the call in, refuses it at the door, or parks it unread (it costs
+  gRPC core ~8 KiB and no CPU) and is asked again each turn, oldest first, how long it has
+  waited (the batcher sheds load that way: docs/serving.md, "Overload").
 * **Everything else** (health, reflection, streaming, admin, the v2 API) runs unchanged as
   grpc.aio-style handlers on the asyncio loop: the polling thread hands each new call to the
   loop, and each completion back, with `call_soon_threadsafe`; service/transport_loop.py runs
@@ -30,9 +32,11 @@ makes the server fall back to grpc.aio on a grpcio that lacks what this module u
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -59,11 +63,20 @@ _POLL_PERIOD_S = 1.0
 DEFAULT_COMPLETIONS_PER_TURN = 64
 # An idle hook that keeps raising is logged at most this often.
 _HOOK_LOG_PERIOD_S = 10.0
+# While calls are parked at a gate, the polling loop turns at least this often to ask again.
+_PARKED_TICK_S = 0.001
+# Parked calls let in whose messages are still being read: at most this many at a time, so
+# the calls let in when the door opens are about as many as the room that opened (the gate
+# sees the room only once their messages are read and admitted).
+_PARKED_READS = 2
 
 FastHandler = Callable[["FastCall", bytes], None]
-# Runs before a fast call's message is read: True to read it and call the handler, False when
-# it has answered the call itself (refused at the door: the message is never read).
-FastGate = Callable[["FastCall"], bool]
+# Runs before a fast call's message is read, with the seconds the call has waited at the door
+# so far: True to read it and call the handler, False when it has answered the call itself
+# (refused at the door: the message is never read), None to park it unread and ask again next
+# turn (calls parked are asked oldest first; one asked with `math.inf` must not answer None:
+# the server is stopping).
+FastGate = Callable[["FastCall", float], "bool | None"]
 
 
 # What CoreServer uses of grpcio's private layer; checked once so that a grpcio that changed
@@ -180,25 +193,44 @@ class _NewFastCall(_Tag):
             return
         call = FastCall(server, event.call, _deadline(event.call_details))
         if self.gate is not None:
-            try:
-                if not self.gate(call):
-                    return  # answered at the door; the message is never read
-            except Exception:
-                log.exception("fast gate failed")
-                call.fail(grpc.StatusCode.INTERNAL, "internal error")
+            if server._parked:  # first come, first served: behind those already waiting
+                server._parked.append((self, call, time.monotonic()))
                 return
-        server._start_batch(event.call, (cygrpc.ReceiveMessageOperation(NO_FLAGS),),
-                            _FastReceived(self.handler, call))
+            let_in = self.ask(call, 0.0)
+            if let_in is None:
+                server._parked.append((self, call, time.monotonic()))
+                return
+            if not let_in:
+                return  # answered at the door; the message is never read
+        self.read(server, call, False)
+
+    def ask(self, call: FastCall, waited_s: float) -> bool | None:
+        assert self.gate is not None
+        try:
+            return self.gate(call, waited_s)
+        except Exception:
+            log.exception("fast gate failed")
+            call.fail(grpc.StatusCode.INTERNAL, "internal error")
+            return False
+
+    def read(self, server: CoreServer, call: FastCall, parked: bool) -> None:
+        if parked:
+            server._parked_reading += 1
+        server._start_batch(call._call, (cygrpc.ReceiveMessageOperation(NO_FLAGS),),
+                            _FastReceived(self.handler, call, parked))
 
 
 class _FastReceived(_Tag):
-    __slots__ = ("call", "handler")
+    __slots__ = ("call", "handler", "parked")
 
-    def __init__(self, handler: FastHandler, call: FastCall) -> None:
+    def __init__(self, handler: FastHandler, call: FastCall, parked: bool) -> None:
         self.handler = handler
         self.call = call
+        self.parked = parked
 
     def complete(self, server: CoreServer, event: Any) -> None:
+        if self.parked:
+            server._parked_reading -= 1
         message = event.batch_operations[0].message() if event.success else None
         if message is None:
             self.call.fail(grpc.StatusCode.UNIMPLEMENTED,
@@ -268,6 +300,10 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
         self._fast: dict[str, tuple[FastHandler, FastGate | None]] = {}
         self._idle_hooks: list[Callable[[], float | None]] = []
+        # Fast calls a gate parked unread, oldest first: (their tag, the call, when parked).
+        self._parked: collections.deque[tuple[_NewFastCall, FastCall, float]] = (
+            collections.deque())
+        self._parked_reading = 0  # parked calls let in whose message is not read yet
         self._hook_logged: dict[int, float] = {}  # hook index -> when it last logged a failure
         self._stage = _Stage.NEW
         self._lock = threading.Lock()
@@ -300,8 +336,9 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
                         gate: FastGate | None = None) -> None:
         """Serve unary `path` on the polling thread: `handler(call, request_bytes)` must not
         block; it answers through `call.reply`/`call.fail`, now or from an idle hook.
-        `gate(call)`, if given, runs when the call arrives, before its message is read: it
-        may refuse the call (answer it and return False) so a refused message costs no read."""
+        `gate(call, waited_s)`, if given, runs when the call arrives, before its message is
+        read: it may refuse the call (answer it and return False) so a refused message costs
+        no read, or park it (None) to be asked again each turn (see FastGate)."""
         self._check_new()
         if path in self._registered:
             del self._registered[path]
@@ -454,6 +491,11 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
                 event = cq.poll(0)
             event = None  # drop the last call reference before running the hooks
             due = self._run_idle_hooks()
+            if self._parked:
+                self._ask_parked()
+                if self._parked:
+                    tick = time.monotonic() + _PARKED_TICK_S
+                    due = tick if due is None else min(due, tick)
             if self._finished():
                 break
 
@@ -479,6 +521,25 @@ class CoreServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
             if wanted is not None and (due is None or wanted < due):
                 due = wanted
         return due
+
+    def _ask_parked(self) -> None:
+        """Ask the gates again about parked calls, oldest first, until one says wait (those
+        behind it have waited less) or one let in finds _PARKED_READS being read."""
+        parked = self._parked
+        stopping = self._stage is not _Stage.SERVING
+        now = time.monotonic()
+        while parked:
+            tag, call, since = parked[0]
+            let_in = tag.ask(call, math.inf if stopping else now - since)
+            if let_in is None:
+                return
+            if let_in:
+                if self._parked_reading >= _PARKED_READS:
+                    return  # asked again next tick: it may have waited too long by then
+                parked.popleft()
+                tag.read(self, call, True)
+            else:
+                parked.popleft()  # the gate answered it
 
     def _complete(self, event: Any) -> None:
         with self._lock:

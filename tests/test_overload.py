@@ -85,14 +85,14 @@ class FastPath:
         handler; nothing is computed until `compute`."""
         call = RecordingCall()
         fast_call: FastCall = call  # type: ignore[assignment]  # duck-typed
-        if self.classifier.classify_gate(fast_call):
+        if self.classifier.classify_gate(fast_call, 0.0):
             self.classifier.classify_now(fast_call, raw)
         return call
 
     def infer(self, raw: bytes) -> RecordingCall:
         call = RecordingCall()
         fast_call: FastCall = call  # type: ignore[assignment]
-        if self.v2.infer_gate(fast_call):
+        if self.v2.infer_gate(fast_call, 0.0):
             self.v2.infer_now(fast_call, raw)
         return call
 
@@ -202,6 +202,45 @@ def test_after_a_refusal_new_calls_are_refused_at_the_door_until_the_queue_drain
     assert path.classify(small).code is None
     path.compute()
     assert path.refused() == 2.0
+
+
+def test_while_shedding_a_call_waits_unread_at_the_door_for_a_bounded_time(
+    fast: Callable[..., FastPath],
+) -> None:
+    big = request_bytes(256)
+    path = fast(max_queue_bytes=4 * charge(big), max_door_wait_s=0.010)
+    gate = path.classifier.classify_gate
+    for _ in range(4):
+        assert path.classify(big).code is None
+    assert path.classify(big).code == grpc.StatusCode.RESOURCE_EXHAUSTED  # now shedding
+    waiting = RecordingCall()
+    call: FastCall = waiting  # type: ignore[assignment]
+    assert gate(call, 0.0) is None  # parked: not read, not answered
+    assert gate(call, 0.009) is None
+    assert waiting.code is None
+    assert gate(call, 0.010) is False  # waited its bound: refused, counted
+    assert waiting.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "refused until" in waiting.details
+    assert path.refused() == 2.0
+    path.compute()  # room again: a waiting call is let in...
+    assert gate(RecordingCall(), 0.005) is True  # type: ignore[arg-type]
+    # ...but not one that already waited past the bound (it gave room to the ones behind)
+    late = RecordingCall()
+    assert gate(late, 0.011) is False  # type: ignore[arg-type]
+    assert late.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert path.refused() == 3.0
+
+
+def test_with_no_door_wait_a_shedding_batcher_refuses_at_once(
+    fast: Callable[..., FastPath],
+) -> None:
+    big = request_bytes(256)
+    path = fast(max_queue_bytes=charge(big))
+    assert path.classify(big).code is None
+    assert path.classify(big).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    refused = RecordingCall()
+    assert path.v2.infer_gate(refused, 0.0) is False  # type: ignore[arg-type]
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_rows_bound_still_holds_beside_the_byte_bound(fast: Callable[..., FastPath]) -> None:
@@ -315,11 +354,16 @@ class _Turns:
         self.hook_calls = 0
         self.raise_in_hook = False
         self.handled = 0
+        self.read: list[bytes] = []
+        self.asked: list[float] = []
+        self.open = threading.Event()
+        self.door_s = BOUND_S
 
     def register(self, server: CoreServer) -> None:
         server.add_fast_method("/t.T/Hold", self.on_hold)
         server.add_fast_method("/t.T/Later", self.on_later)
         server.add_fast_method("/t.T/Gated", self.on_gated, gate=self.gate)
+        server.add_fast_method("/t.T/Door", self.on_gated, gate=self.door)
         server.add_idle_hook(self.hook)
         server.add_idle_hook(self.answer)
 
@@ -331,12 +375,24 @@ class _Turns:
     def on_later(self, call: FastCall, raw: bytes) -> None:
         self.queued.append(call)
 
-    def gate(self, call: FastCall) -> bool:
+    def gate(self, call: FastCall, waited_s: float) -> bool:
         call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "refused at the door")
         return False
 
+    def door(self, call: FastCall, waited_s: float) -> bool | None:
+        """Parks every call until `open` is set (then lets them in), or until it has waited
+        `door_s` (then refuses it); records what it was asked."""
+        self.asked.append(waited_s)
+        if self.open.is_set():
+            return True
+        if waited_s >= self.door_s:
+            call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, f"waited {waited_s:.3f} s")
+            return False
+        return None
+
     def on_gated(self, call: FastCall, raw: bytes) -> None:
         self.handled += 1
+        self.read.append(raw)
         call.reply(b"read")
 
     def hook(self) -> None:
@@ -388,6 +444,57 @@ def test_gate_refuses_a_call_without_its_message_being_read(
         ch.unary_unary("/t.T/Gated")(b"x" * 100_000, timeout=BOUND_S)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.details() == "refused at the door"
+    assert t.handled == 0
+
+
+def test_a_parked_call_is_read_only_once_the_gate_lets_it_in_oldest_first(
+    turns: tuple[_Turns, Harness],
+) -> None:
+    t, harness = turns
+    with grpc.insecure_channel(harness.target) as ch, ThreadPoolExecutor(3) as pool:
+        door = ch.unary_unary("/t.T/Door")
+        calls = []
+        for i in range(3):
+            calls.append(pool.submit(door, bytes([i]) * 50_000, timeout=BOUND_S))
+            deadline = time.monotonic() + BOUND_S
+            while len(t.asked) <= i and time.monotonic() < deadline:
+                time.sleep(0.001)
+        time.sleep(0.05)  # parked: asked again each turn, never read
+        assert t.handled == 0
+        asked = len(t.asked)
+        assert asked > 3  # asked again while it waited, not only on arrival
+        t.open.set()
+        assert [c.result(BOUND_S) for c in calls] == [b"read"] * 3
+    assert [raw[0] for raw in t.read] == [0, 1, 2]  # first come, first served
+
+
+def test_a_parked_call_is_refused_unread_when_the_gate_says_it_waited_too_long(
+    turns: tuple[_Turns, Harness],
+) -> None:
+    t, harness = turns
+    t.door_s = 0.05
+    with grpc.insecure_channel(harness.target) as ch, pytest.raises(grpc.RpcError) as info:
+        ch.unary_unary("/t.T/Door")(b"x" * 100_000, timeout=BOUND_S)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert t.handled == 0
+    assert max(t.asked) >= 0.05
+
+
+def test_stopping_answers_the_calls_parked_at_the_door(
+    turns: tuple[_Turns, Harness],
+) -> None:
+    t, harness = turns
+    with grpc.insecure_channel(harness.target) as ch, ThreadPoolExecutor(1) as pool:
+        parked = pool.submit(ch.unary_unary("/t.T/Door"), b"x", timeout=BOUND_S)
+        deadline = time.monotonic() + BOUND_S
+        while not t.asked and time.monotonic() < deadline:
+            time.sleep(0.001)
+        started = time.monotonic()
+        harness.stop(BOUND_S).result(BOUND_S)  # asks the gate with an infinite wait
+        assert time.monotonic() - started < BOUND_S / 2  # not the grace period's end
+        with pytest.raises(grpc.RpcError) as info:
+            parked.result(BOUND_S)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert t.handled == 0
 
 
