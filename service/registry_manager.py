@@ -6,8 +6,9 @@ thread per load, timeout, retry backoff), tell the planner what loaded or failed
 until it is settled. Only then is one reference (`_Snapshot`) replaced: the swap. A batch that
 holds a `ServableVersion` keeps computing with it; it is freed with the last holder.
 
-What changed is published as events (`service.registry_events`) after the swap: metrics and
-health subscribe, the manager imports neither. Every mutation runs under one asyncio lock
+What happened is published as events (`service.registry_events`): a load's outcome when it
+ends, unloads and current-version changes right after the swap. Metrics and health subscribe;
+the manager imports neither. Every mutation runs under one asyncio lock
 (scans and admin calls queue behind each other); requests read `_snapshot` without it.
 """
 
