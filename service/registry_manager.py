@@ -52,9 +52,9 @@ class _Snapshot:
 _EMPTY = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
 
 
-def _signatures(disk: Mapping[str, Mapping[int, Path]]) -> dict[tuple[str, int], Signature]:
-    """The files' identity of every version on disk (blocking: run in a thread)."""
-    return {(n, v): repository.signature(p) for n, vs in disk.items() for v, p in vs.items()}
+def _signatures(name: str, on_disk: Mapping[int, Path]) -> dict[tuple[str, int], Signature]:
+    """The files' identity of every version of one model on disk (blocking: in a thread)."""
+    return {(name, v): repository.signature(p) for v, p in on_disk.items()}
 
 
 class VersionManager:
@@ -120,7 +120,6 @@ class VersionManager:
     async def _rescan_locked(self) -> None:
         disk = await self._scan_disk()
         self._disk = disk
-        sigs = await asyncio.to_thread(_signatures, disk)
         old = self._snapshot
         servable: dict[str, Mapping[int, ServableVersion]] = {}
         current: dict[str, int] = {}
@@ -128,7 +127,7 @@ class VersionManager:
         for name in sorted(set(disk) | set(old.servable)):
             loaded = old.servable.get(name, {})
             try:
-                kept, chosen = await self._settle(name, disk.get(name, {}), loaded, sigs)
+                kept, chosen = await self._settle(name, disk.get(name, {}), loaded)
             except Exception:  # a bug met by one model must not stop the others
                 log.exception("model %s: scan failed; keeping what it served", name)
                 kept, chosen = dict(loaded), old.current.get(name)
@@ -163,9 +162,9 @@ class VersionManager:
         name: str,
         on_disk: Mapping[int, Path],
         loaded: Mapping[int, ServableVersion],
-        sigs: Mapping[tuple[str, int], Signature],
     ) -> tuple[dict[int, ServableVersion], int | None]:
         """Plan, load, plan again until settled: the versions kept and the current one."""
+        sigs = await asyncio.to_thread(_signatures, name, on_disk)
         base = self._view(name, on_disk)
         work = dict(loaded)
         ready = {
@@ -186,7 +185,10 @@ class VersionManager:
                 break
             for v in step.to_load:
                 tried.add(v)
-                sv = await self._load(name, v, on_disk[v], sigs[(name, v)])
+                # The files' identity right before reading them, as a load compares it with
+                # the identity after to tell files that changed mid-read.
+                sig = await asyncio.to_thread(repository.signature, on_disk[v])
+                sv = await self._load(name, v, on_disk[v], sig)
                 if sv is not None:
                     work[v], ready = sv, ready | {v}
         if step.override_dropped == "gone":
