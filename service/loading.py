@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import repository
-from service.metrics import Metrics
 from service.model import (
     REASONS,
     TRANSIENT_REASONS,
@@ -36,6 +35,7 @@ from service.model import (
     ModelFormatError,
     TransientLoadError,
 )
+from service.registry_events import RegistryEvent, VersionFailed
 from service.repository import Signature
 
 log = logging.getLogger("service.registry")
@@ -67,12 +67,15 @@ class _Flight:
 
 
 class Loads:
-    """Load attempts and their failures, keyed by (model, version). Event-loop owned."""
+    """Load attempts and their failures, keyed by (model, version). Event-loop owned.
+
+    A failure is published as a `VersionFailed` event (metrics count it from there).
+    """
 
     def __init__(
         self,
         root: Path,
-        metrics: Metrics,
+        publish: Callable[[RegistryEvent], None],
         loader: Loader = repository.load_inside,
         *,
         timeout_s: float = 60.0,
@@ -81,7 +84,7 @@ class Loads:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._root = root
-        self._metrics = metrics
+        self._publish = publish
         self._loader = loader
         self._timeout_s = timeout_s
         self._retry_initial_s = retry_initial_s
@@ -174,7 +177,7 @@ class Loads:
     def _fail(
         self, key: Key, sig: Signature, e: BaseException, *, changed: bool, elapsed: float
     ) -> None:
-        """Record a failed load: classify it, schedule a retry if transient, log, count."""
+        """Record a failed load: classify it, schedule a retry if transient, log, publish."""
         name, version = key
         reason, detail = classify(e)
         if changed and reason not in TRANSIENT_REASONS:
@@ -189,7 +192,7 @@ class Loads:
             retry_at = self._clock() + delay
             detail = f"{detail}; attempt {attempts}, retrying in {delay:.3g} s"
         self.failed[key] = Failure(sig, reason, detail, attempts, retry_at)
-        self._metrics.version_failed(name, version, reason, elapsed)
+        self._publish(VersionFailed(name, version, reason, detail, elapsed))
         log.error(
             "model %s version %d rejected (%s): %s", name, version, reason, detail,
             exc_info=e if reason == "internal" else None,

@@ -38,7 +38,7 @@ from service.config import Settings
 from service.fatal import die
 from service.malformed import Registrar, enable_reflection
 from service.metrics import Metrics, start_exporter
-from service.registry import ModelRegistry
+from service.registry import CurrentChanged, ModelRegistry, RegistryEvent
 from service.supervisor import die_with_supervisor, supervise
 from service.transport import CoreServer
 
@@ -166,7 +166,9 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         for name in ("", classifier.SERVICE_NAME):
             await health_servicer.set(name, status)
 
-    def on_change() -> None:
+    def on_registry_event(event: RegistryEvent) -> None:
+        if not isinstance(event, CurrentChanged):  # readiness moves only with a current version
+            return
         task = asyncio.get_running_loop().create_task(update_health())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -176,10 +178,10 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         metrics,
         rescan_interval_s=settings.rescan_interval_s,
         default_model=settings.default_model,
-        on_change=on_change,
         version_policy=settings.version_policy,
         version_labels=settings.version_labels,
     )
+    registry.subscribe(on_registry_event)  # health follows the registry's events
     batcher = Batcher(
         registry,
         metrics,

@@ -22,7 +22,7 @@ from versions_util import publish_tiny, tiny_model
 from service.config import load_settings
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from service.metrics import Metrics
-from service.registry import ModelRegistry
+from service.registry import CurrentChanged, ModelRegistry
 from service.version_policy import parse_labels, parse_policies, parse_policy
 
 X = np.random.default_rng(7).random((3, 784), dtype=np.float32)
@@ -198,7 +198,8 @@ def test_swap_keeps_old_reference_usable_and_rollback_on_delete(tmp_path: Path) 
     changes: list[int] = []
 
     async def go() -> None:
-        reg, prom = make(tmp_path, on_change=lambda: changes.append(1))
+        reg, prom = make(tmp_path)
+        reg.subscribe(lambda e: changes.append(1) if isinstance(e, CurrentChanged) else None)
         await reg.start()
         held = reg.resolve()  # what a running batch holds
         publish_tiny(tmp_path, seed=2)
