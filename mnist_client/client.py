@@ -198,6 +198,25 @@ def credentials(
     return grpc.ssl_channel_credentials(_read(tls_ca), _read(tls_key), _read(tls_cert))
 
 
+def open_channel(
+    api: Any,
+    target: str,
+    retry: RetryPolicy | None,
+    tls: bool,
+    tls_ca: Path | str | bytes | None,
+    tls_cert: Path | str | bytes | None,
+    tls_key: Path | str | bytes | None,
+    tls_server_name: str | None,
+) -> Any:
+    """A channel from `api` (`grpc` or `grpc.aio`, same signatures) with the retry policy and,
+    when any TLS option is given, TLS."""
+    options = channel_options(retry, tls_server_name)
+    creds = credentials(tls, tls_ca, tls_cert, tls_key)
+    if creds is not None:
+        return api.secure_channel(target, creds, options=options)
+    return api.insecure_channel(target, options=options)
+
+
 class ClassifierClient:
     """A channel to one server; thread-safe (gRPC channels are)."""
 
@@ -215,12 +234,8 @@ class ClassifierClient:
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        options = channel_options(retry, tls_server_name)
-        creds = credentials(tls, tls_ca, tls_cert, tls_key)
-        if creds is not None:
-            self._channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = open_channel(grpc, target, retry, tls, tls_ca, tls_cert, tls_key,
+                                     tls_server_name)
         self._stub = pb_grpc.ClassifierStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> ClassifierClient:
@@ -336,12 +351,8 @@ class AsyncClassifierClient:
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        options = channel_options(retry, tls_server_name)
-        creds = credentials(tls, tls_ca, tls_cert, tls_key)
-        if creds is not None:
-            self._channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._channel = open_channel(grpc.aio, target, retry, tls, tls_ca, tls_cert, tls_key,
+                                     tls_server_name)
         self._stub = pb_grpc.ClassifierStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def __aenter__(self) -> AsyncClassifierClient:
