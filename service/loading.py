@@ -66,6 +66,19 @@ class _Flight:
     future: asyncio.Future[Model]
 
 
+@dataclass(frozen=True, slots=True)
+class LoadPolicy:
+    """How long one read may take before the scan stops waiting for it, and how failed
+    transient loads back off (`retry_initial_s` doubling up to `retry_max_s`)."""
+
+    timeout_s: float = 60.0
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+
+
+DEFAULT_LOAD_POLICY = LoadPolicy()
+
+
 class Loads:
     """Load attempts and their failures, keyed by (model, version). Event-loop owned.
 
@@ -78,17 +91,13 @@ class Loads:
         publish: Callable[[RegistryEvent], None],
         loader: Loader = repository.load_inside,
         *,
-        timeout_s: float = 60.0,
-        retry_initial_s: float = 1.0,
-        retry_max_s: float = 60.0,
+        policy: LoadPolicy = DEFAULT_LOAD_POLICY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._root = root
         self._publish = publish
         self._loader = loader
-        self._timeout_s = timeout_s
-        self._retry_initial_s = retry_initial_s
-        self._retry_max_s = retry_max_s
+        self._policy = policy
         self._clock = clock
         self.failed: dict[Key, Failure] = {}
         self.loading: set[Key] = set()
@@ -129,10 +138,10 @@ class Loads:
         try:
             if flight is None or flight.signature != sig:
                 flight = self._flights[key] = _Flight(sig, self._start(key, path))
-            done, _ = await asyncio.wait({flight.future}, timeout=self._timeout_s)
+            done, _ = await asyncio.wait({flight.future}, timeout=self._policy.timeout_s)
             if not done:
                 raise TimeoutError(
-                    f"reading {path} has not finished after {self._timeout_s:g} s; "
+                    f"reading {path} has not finished after {self._policy.timeout_s:g} s; "
                     "still waiting for it"
                 )
             del self._flights[key]
@@ -188,7 +197,8 @@ class Loads:
         if reason in TRANSIENT_REASONS:
             if previous is not None and previous.transient and previous.signature == sig:
                 attempts = previous.attempts + 1
-            delay = min(self._retry_initial_s * 2 ** (attempts - 1), self._retry_max_s)
+            delay = min(self._policy.retry_initial_s * 2 ** (attempts - 1),
+                        self._policy.retry_max_s)
             retry_at = self._clock() + delay
             detail = f"{detail}; attempt {attempts}, retrying in {delay:.3g} s"
         self.failed[key] = Failure(sig, reason, detail, attempts, retry_at)

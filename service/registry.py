@@ -30,7 +30,7 @@ from pathlib import Path
 
 from service import repository
 from service.errors import InvalidInput, NotFound, Unavailable
-from service.loading import Loader
+from service.loading import DEFAULT_LOAD_POLICY, Loader, LoadPolicy
 from service.metrics import Metrics, RegistryMetrics
 from service.registry_admin import AdminOps
 from service.registry_events import (
@@ -75,19 +75,16 @@ class ModelRegistry(AdminOps):
         version_policy: str = "latest",
         version_labels: str = "",
         loader: Loader = repository.load_inside,
-        load_timeout_s: float = 60.0,
-        retry_initial_s: float = 1.0,
-        retry_max_s: float = 60.0,
+        load_policy: LoadPolicy = DEFAULT_LOAD_POLICY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`metrics`, when given, is subscribed first (`RegistryMetrics`): the registry never
         calls it, it only publishes events. `loader(root, version_dir)` reads and validates one
         version (injectable, so tests can make reads fail or block); the other load arguments
-        go to `service.loading`."""
+        (`LoadPolicy`) go to `service.loading`."""
         super().__init__(
             model_dir, version_policy=version_policy, version_labels=version_labels,
-            loader=loader, load_timeout_s=load_timeout_s, retry_initial_s=retry_initial_s,
-            retry_max_s=retry_max_s, clock=clock,
+            loader=loader, load_policy=load_policy, clock=clock,
         )
         if metrics is not None:
             self.subscribe(RegistryMetrics(metrics))

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from service import repository
-from service.loading import Loader, Loads
+from service.loading import Loader, LoadPolicy, Loads
 from service.registry_events import (
     CurrentChanged,
     EventBus,
@@ -67,16 +67,13 @@ class VersionManager:
         version_policy: str,
         version_labels: str,
         loader: Loader,
-        load_timeout_s: float,
-        retry_initial_s: float,
-        retry_max_s: float,
+        load_policy: LoadPolicy,
         clock: Callable[[], float],
     ) -> None:
         self._dir = model_dir
         self._events = EventBus()
         self._loads = Loads(
-            model_dir, self._events.publish, loader, timeout_s=load_timeout_s,
-            retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, clock=clock,
+            model_dir, self._events.publish, loader, policy=load_policy, clock=clock,
         )
         self._refused: set[tuple[str, str]] = set()
         # Bad syntax fails here, at startup, with a ValueError naming the flag.

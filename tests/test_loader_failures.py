@@ -29,6 +29,7 @@ from versions_util import publish_tiny
 
 from service import repository
 from service.errors import FailedPrecondition
+from service.loading import LoadPolicy
 from service.metrics import Metrics
 from service.model import CHECKSUM_FILE, WEIGHTS_FILE, Model, ModelFormatError, load_model
 from service.pb.mnist.v1 import classifier_pb2 as pb
@@ -89,7 +90,8 @@ def test_transient_errors_are_retried_with_backoff(tmp_path: Path) -> None:
     clock = Clock()
 
     async def go() -> None:
-        reg, prom = make(tmp_path, loader, retry_initial_s=2.0, retry_max_s=3.0, clock=clock)
+        policy = LoadPolicy(retry_initial_s=2.0, retry_max_s=3.0)
+        reg, prom = make(tmp_path, loader, load_policy=policy, clock=clock)
         await reg.start()
         assert reg.resolve().version == 1
         first = row(reg, 2)
@@ -128,7 +130,8 @@ def test_permanent_errors_wait_for_new_files(tmp_path: Path) -> None:
 
     async def go() -> None:
         clock = Clock()
-        reg, _ = make(tmp_path, loader, retry_initial_s=0.01, retry_max_s=0.01, clock=clock)
+        policy = LoadPolicy(retry_initial_s=0.01, retry_max_s=0.01)
+        reg, _ = make(tmp_path, loader, load_policy=policy, clock=clock)
         await reg.start()
         assert (row(reg, 2).reason, row(reg, 2).retries) == ("checksum", 0)
         for _ in range(3):
@@ -216,7 +219,8 @@ def test_blocked_read_does_not_freeze_other_models(tmp_path: Path) -> None:
     loader = CountingLoader(block)
 
     async def go() -> None:
-        reg, prom = make(tmp_path, loader, load_timeout_s=0.2, retry_initial_s=0.0)
+        reg, prom = make(tmp_path, loader,
+                         load_policy=LoadPolicy(timeout_s=0.2, retry_initial_s=0.0))
         await asyncio.wait_for(reg.start(), 30)
         assert reg.resolve("a").version == 1
         assert (row(reg, 2, "a").state, row(reg, 2, "a").reason) == (
