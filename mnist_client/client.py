@@ -198,27 +198,11 @@ def credentials(
     return grpc.ssl_channel_credentials(_read(tls_ca), _read(tls_key), _read(tls_cert))
 
 
-def open_channel(
-    api: Any,
-    target: str,
-    retry: RetryPolicy | None,
-    tls: bool,
-    tls_ca: Path | str | bytes | None,
-    tls_cert: Path | str | bytes | None,
-    tls_key: Path | str | bytes | None,
-    tls_server_name: str | None,
-) -> Any:
-    """A channel from `api` (`grpc` or `grpc.aio`, same signatures) with the retry policy and,
-    when any TLS option is given, TLS."""
-    options = channel_options(retry, tls_server_name)
-    creds = credentials(tls, tls_ca, tls_cert, tls_key)
-    if creds is not None:
-        return api.secure_channel(target, creds, options=options)
-    return api.insecure_channel(target, options=options)
+class _Connection:
+    """The channel and stub both clients share; `_api` is `grpc` or `grpc.aio`, whose channel
+    constructors take the same arguments."""
 
-
-class ClassifierClient:
-    """A channel to one server; thread-safe (gRPC channels are)."""
+    _api: Any = grpc
 
     def __init__(
         self,
@@ -234,9 +218,18 @@ class ClassifierClient:
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = open_channel(grpc, target, retry, tls, tls_ca, tls_cert, tls_key,
-                                     tls_server_name)
+        options = channel_options(retry, tls_server_name)
+        creds = credentials(tls, tls_ca, tls_cert, tls_key)
+        if creds is not None:
+            self._channel = self._api.secure_channel(target, creds, options=options)
+        else:
+            self._channel = self._api.insecure_channel(target, options=options)
         self._stub = pb_grpc.ClassifierStub(self._channel)  # type: ignore[no-untyped-call]
+
+
+class ClassifierClient(_Connection):
+    """A channel to one server; thread-safe (gRPC channels are)."""
+
 
     def __enter__(self) -> ClassifierClient:
         return self
@@ -331,29 +324,14 @@ class ClassifierClient:
         return info
 
 
-class AsyncClassifierClient:
+class AsyncClassifierClient(_Connection):
     """The asyncio client (grpc.aio): ClassifierClient's API with `await` / `async for`.
 
     Create it inside the event loop that uses it (grpc.aio channels belong to one loop).
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout_s: float = 30.0,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-        tls: bool = False,
-        tls_ca: Path | str | bytes | None = None,
-        tls_cert: Path | str | bytes | None = None,
-        tls_key: Path | str | bytes | None = None,
-        tls_server_name: str | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout_s = timeout_s
-        self._channel = open_channel(grpc.aio, target, retry, tls, tls_ca, tls_cert, tls_key,
-                                     tls_server_name)
-        self._stub = pb_grpc.ClassifierStub(self._channel)  # type: ignore[no-untyped-call]
+    _api = grpc.aio
+
 
     async def __aenter__(self) -> AsyncClassifierClient:
         return self
