@@ -35,7 +35,8 @@ def test_metrics_path_serves_the_exposition(metrics_port: int) -> None:
     assert ("mnist_model_current_version", (("model", "mnist"),)) in samples(body)
     # Prometheus' own `params` (a name filter) still work on the one path.
     status, body = request(metrics_port, "GET", "/metrics?name[]=mnist_model_current_version")
-    assert status == 200 and "mnist_model_current_version" in body
+    assert status == 200
+    assert "mnist_model_current_version" in body
     assert "mnist_requests_total" not in body
 
 
