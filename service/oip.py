@@ -43,6 +43,8 @@ from service.errors import (
 )
 from service.fastpath import Answer, refuse
 from service.metrics import Metrics
+from service.oip_config import BatchingConfig, model_config_response
+from service.oip_statistics import statistics_response
 from service.pb.inference import grpc_service_pb2 as pb
 from service.registry import ModelRegistry, VersionState
 from service.transport import CoreServer, FastCall
@@ -145,6 +147,20 @@ class InferenceServicer:
             if v.state is VersionState.AVAILABLE
         ]
         return tensors.model_metadata(sv, loaded)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        """Triton's model configuration: service/oip_config.py."""
+        return model_config_response(
+            self._registry, BatchingConfig.from_settings(self._settings), request
+        )
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's per-version statistics, from the metrics' counts: service/oip_statistics.py."""
+        return statistics_response(self._registry, self._metrics.version_statistics(), request)
 
     # --- inference
 
@@ -357,6 +373,10 @@ def add_to_server(
         "ModelReady": (s.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ServerMetadata": (s.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
         "ModelMetadata": (s.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelConfig": (s.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelStatistics": (
+            s.ModelStatistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+        ),
         "RepositoryIndex": (
             s.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
         ),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,7 @@ from service.metrics.collector import CountsCollector, families
 from service.metrics.counts import Cell, Hist, Store
 from service.metrics.exporter import add_process_collectors
 from service.metrics.multiprocess import SnapshotWriter, multiprocess_dir
+from service.metrics.version_stats import INFER_METHODS, VersionStats
 from service.registry_events import (
     CurrentChanged,
     NameRefused,
@@ -56,19 +58,22 @@ CONFIDENCE_BUCKETS = d.CONFIDENCE_BUCKETS
 
 
 class _RequestSeries:
-    __slots__ = ("duration", "images", "requests")
+    __slots__ = ("duration", "images", "ok", "requests", "stats")
 
-    def __init__(self, requests: Cell, images: Cell, duration: Hist) -> None:
+    def __init__(self, requests: Cell, images: Cell, duration: Hist,
+                 stats: VersionStats | None, ok: bool) -> None:
         self.requests, self.images, self.duration = requests, images, duration
+        # An inference request on a loaded version also counts in Triton's statistics.
+        self.stats, self.ok = stats, ok
 
 
 class _BatchSeries:
-    __slots__ = ("confidence", "forward", "predictions", "rows", "wait")
+    __slots__ = ("confidence", "forward", "predictions", "rows", "stats", "wait")
 
     def __init__(self, rows: Hist, forward: Hist, wait: Hist, confidence: Hist,
-                 predictions: tuple[Cell, ...]) -> None:
+                 predictions: tuple[Cell, ...], stats: VersionStats) -> None:
         self.rows, self.forward, self.wait = rows, forward, wait
-        self.confidence, self.predictions = confidence, predictions
+        self.confidence, self.predictions, self.stats = confidence, predictions, stats
 
 
 class LiveCount:
@@ -93,7 +98,8 @@ class LiveCount:
             self.n -= amount
 
 
-_PendingBatch = tuple[_BatchSeries, Iterable[float], float, npt.NDArray[np.float32]]
+# (series, each request's queue wait, forward time, probabilities, when it finished)
+_PendingBatch = tuple[_BatchSeries, Iterable[float], float, npt.NDArray[np.float32], float]
 
 
 class Metrics:
@@ -126,6 +132,7 @@ class Metrics:
         self._loaded: dict[str, set[str]] = {}
         self._request_children: dict[tuple[str, str, str, str], _RequestSeries] = {}
         self._batch_children: dict[tuple[str, int], _BatchSeries] = {}
+        self._version_stats: dict[tuple[str, int], VersionStats] = {}
         if self.enabled:
             r.register(CountsCollector(self._families))
             if process_metrics and not self.multiprocess:
@@ -212,8 +219,12 @@ class Metrics:
             s = self._request_children.get(key)
             if s is None:
                 c = self.counts
+                method, model, version, code = key
+                stats = None
+                if method in INFER_METHODS and version.isdigit():  # (a loaded version)
+                    stats = self._stats_for(model, int(version))
                 s = _RequestSeries(c.cell(d.REQUESTS, key), c.cell(d.IMAGES, key),
-                                   c.hist(d.REQUEST_DURATION, key[:2]))
+                                   c.hist(d.REQUEST_DURATION, key[:2]), stats, code == "OK")
                 self._request_children[key] = s
             return s
 
@@ -233,7 +244,7 @@ class Metrics:
         s = self._batch_children.get((model, version))
         if s is None:  # (no label check: a batch only ever runs a loaded version)
             s = self._batch_children_for(model, version)
-        self._pending.append((s, queue_waits_s, forward_s, probabilities))
+        self._pending.append((s, queue_waits_s, forward_s, probabilities, time.time()))
         self._pending_rows += probabilities.shape[0]
         if self._pending_rows > MAX_PENDING_ROWS:  # nobody scrapes: bound the memory held
             self.flush()
@@ -250,9 +261,24 @@ class Metrics:
                     confidence=c.hist(d.CONFIDENCE, (model, v)),
                     predictions=tuple(c.cell(d.PREDICTIONS, (model, v, cls))
                                       for cls in d.CLASS_LABELS),
+                    stats=self._stats_for(model, version),
                 )
                 self._batch_children[(model, version)] = s
             return s
+
+    def _stats_for(self, model: str, version: int) -> VersionStats:
+        """(under self._lock)"""
+        stats = self._version_stats.get((model, version))
+        if stats is None:
+            stats = self._version_stats[(model, version)] = VersionStats()
+        return stats
+
+    def version_statistics(self) -> dict[tuple[str, int], VersionStats]:
+        """Triton's per-version statistics, current (what waits is recorded first): copies
+        keyed by (model, version), for the v2 ModelStatistics RPC and HTTP endpoint."""
+        with self._lock:
+            self._record_locked()
+            return {k: v.copy() for k, v in self._version_stats.items()}
 
     def set_queue_bytes(self, held: int) -> None:
         if self.enabled:
@@ -306,6 +332,8 @@ class Metrics:
             g[1].append(images)
             g[2].append(duration_s)
         for s, images_list, durations in grouped.values():
+            if s.stats is not None:
+                s.stats.requests_done(s.ok, durations)
             s.requests.value += len(durations)
             s.images.value += sum(images_list)
             if len(durations) == 1:
@@ -320,13 +348,16 @@ class Metrics:
         grouped: dict[int, tuple[_BatchSeries, list[float], list[float],
                                  list[npt.NDArray[np.float32]]]] = {}
         while pending:
-            s, queue_waits_s, forward_s, probabilities = pending.popleft()
+            s, queue_waits_s, forward_s, probabilities, finished_s = pending.popleft()
             g = grouped.get(id(s))
             if g is None:
                 g = grouped[id(s)] = (s, [], [], [])
             g[1].append(forward_s)
-            g[2].extend(queue_waits_s)
+            waits = list(queue_waits_s)
+            g[2].extend(waits)
             g[3].append(probabilities)
+            s.stats.batch_done(probabilities.shape[0], forward_s, waits,
+                               int(finished_s * 1000))
         for s, forwards, waits, arrays in grouped.values():
             self._record_batches(s, forwards, waits, arrays)
 
