@@ -372,6 +372,7 @@ def test_multiprocess_values_add_up_and_dead_workers_leave_no_gauges(
     directory.mkdir()
     (directory / "counter_999.db").write_bytes(b"left by an old run")
     (directory / "mnist_counts_999.json").write_text('{"totals": {}, "live": {}}')
+    (directory / ".mnist_counts_998.json.tmp").write_text('{"tot')  # killed mid-write
     (directory / "README").write_text("an operator's file: not ours to delete")
     metrics_mod.prepare_multiprocess(directory)
     assert os.environ[metrics_mod.MULTIPROC_ENV] == str(directory)

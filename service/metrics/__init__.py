@@ -3,6 +3,8 @@
 - definitions.py   names, help, labels and buckets of every metric
 - counts.py        the counts the service keeps itself (plain numbers, NumPy bucket arrays)
 - recording.py     `Metrics`: what the service calls on the request path; records into counts
+- lifecycle.py     model-lifecycle metrics (prometheus_client objects) and RegistryMetrics
+- version_stats.py per-version counts in Triton's terms (ModelStatistics)
 - collector.py     a custom Collector emitting metric families from the counts at scrape time
 - multiprocess.py  `--workers N`: per-worker count snapshots summed by the supervisor
 - exporter.py      the /metrics HTTP endpoint (404 on any other path)
@@ -23,13 +25,14 @@ from service.metrics.exporter import (
     serve_metrics,
     start_exporter,
 )
+from service.metrics.lifecycle import RegistryMetrics
 from service.metrics.multiprocess import (
     MULTIPROC_ENV,
     multiprocess_dir,
     prepare_multiprocess,
     worker_exited,
 )
-from service.metrics.recording import Metrics, RegistryMetrics
+from service.metrics.recording import Metrics
 
 __all__ = [
     "BATCH_ROWS_BUCKETS",

@@ -52,10 +52,12 @@ def prepare_multiprocess(directory: Path) -> None:
     prometheus_client picks its value storage when it is first imported, so workers must be
     fresh interpreters (spawned, or exec'd) that inherit this environment variable; files left
     by a previous run are removed so old counts do not leak into the new one (only ours:
-    `*.db` and `mnist_counts_*.json`; the directory may be an operator's volume).
+    `*.db`, `mnist_counts_*.json` and their temporary files; the directory may be an
+    operator's volume).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in [*directory.glob("*.db"), *directory.glob(f"{SNAPSHOT_PREFIX}*.json")]:
+    ours = ("*.db", f"{SNAPSHOT_PREFIX}*.json", f".{SNAPSHOT_PREFIX}*.json.tmp")
+    for stale in [p for pattern in ours for p in directory.glob(pattern)]:
         stale.unlink()
     os.environ[MULTIPROC_ENV] = str(directory)
 

@@ -11,8 +11,8 @@ as metric families: no prometheus_client metric object, let alone its private fi
 the request path.
 
 Model-lifecycle metrics (loads, loaded versions, current version, front end) change a few
-times a day: they stay ordinary prometheus_client metrics, which also work in multiprocess
-mode as they are.
+times a day: they stay ordinary prometheus_client metrics (service/metrics/lifecycle.py),
+which also work in multiprocess mode as they are.
 
 Labels are bounded: `model` and `version` only ever name a version this process loaded (else
 UNKNOWN, or '' for "not chosen yet"), so no caller-chosen string creates a series.
@@ -21,7 +21,6 @@ UNKNOWN, or '' for "not chosen yet"), so no caller-chosen string creates a serie
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
 from collections.abc import Iterable
@@ -29,23 +28,16 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from service.metrics import definitions as d
 from service.metrics.collector import CountsCollector, families
 from service.metrics.counts import Cell, Hist, Store
 from service.metrics.exporter import add_process_collectors
+from service.metrics.lifecycle import LifecycleMetrics
 from service.metrics.multiprocess import SnapshotWriter, multiprocess_dir
 from service.metrics.version_stats import INFER_METHODS, VersionStats
-from service.registry_events import (
-    CurrentChanged,
-    NameRefused,
-    RegistryEvent,
-    VersionFailed,
-    VersionLoaded,
-    VersionUnloaded,
-)
 
 # Batches up to this many rows are recorded row by row in Python, bigger ones with NumPy.
 SMALL_BATCH_ROWS = 8
@@ -138,40 +130,10 @@ class Metrics:
             if process_metrics and not self.multiprocess:
                 # In multiprocess mode the exporter adds the serving process's own instead.
                 add_process_collectors(r)
-        self._lifecycle(r)
+        self.lifecycle = LifecycleMetrics(r, multiprocess=self.multiprocess)
         self._writer: SnapshotWriter | None = None
         if directory is not None:
             self._writer = SnapshotWriter(directory, self._snapshot)
-
-    def _lifecycle(self, r: CollectorRegistry) -> None:
-        self.version_loaded = Gauge(
-            "mnist_model_version_loaded",
-            "1 for each model version loaded and servable (info-style; 0 once unloaded "
-            "in multiprocess mode).",
-            ["model", "version"], registry=r, multiprocess_mode="livemax",
-        )
-        self.current_version = Gauge(
-            "mnist_model_current_version", "The version a request naming none gets.", ["model"],
-            registry=r, multiprocess_mode="livemax",
-        )
-        self.loads = Counter(
-            "mnist_model_loads", "Version load attempts, by result (success, failure).",
-            ["model", "result"], registry=r,
-        )
-        self.load_duration = Histogram(
-            "mnist_model_load_duration_seconds", "Time to load and validate a version.",
-            ["model"], buckets=d.LOAD_BUCKETS_S, registry=r,
-        )
-        self.rejected = Counter(
-            "mnist_model_rejected_versions", "Versions that failed validation, by reason.",
-            ["model", "reason"], registry=r,
-        )
-        self.frontend = Gauge(
-            "mnist_frontend_info",
-            "1 for the gRPC front end that serves: 'core' (completion queue, proven by the "
-            "startup self-test) or 'aio'.",
-            ["frontend"], registry=r, multiprocess_mode="livemax",
-        )
 
     @classmethod
     def disabled(cls) -> Metrics:
@@ -184,7 +146,7 @@ class Metrics:
 
     def set_frontend(self, frontend: str) -> None:
         if self.enabled:
-            self.frontend.labels(frontend).set(1)
+            self.lifecycle.frontend_serves(frontend)
 
     def _model_label(self, model: str) -> str:
         return model if model == "" or model in self._loaded else UNKNOWN
@@ -395,35 +357,26 @@ class Metrics:
             predictions[cls].value += int(counts[cls])
         s.confidence.observe_many(probs.max(axis=1))
 
-    # --- registry
+    # --- registry (RegistryMetrics calls these on the registry's events)
 
     def version_available(self, model: str, version: int, load_s: float) -> None:
         if not self.enabled:
             return
         with self._lock:
             self._loaded = {**self._loaded, model: {*self._loaded.get(model, ()), str(version)}}
-        self.loads.labels(model, "success").inc()
-        self.load_duration.labels(model).observe(load_s)
-        self.version_loaded.labels(model, str(version)).set(1)
+        self.lifecycle.loaded(model, version, load_s)
 
     def version_failed(self, model: str, version: int, reason: str, load_s: float) -> None:
-        if not self.enabled:
-            return
-        self.loads.labels(model, "failure").inc()
-        self.load_duration.labels(model).observe(load_s)
-        self.rejected.labels(model, reason).inc()
+        if self.enabled:
+            self.lifecycle.failed(model, reason, load_s)
 
     def name_refused(self, model: str, reason: str) -> None:
         """A repository entry that cannot be a version (or model): counted, never loaded."""
         if self.enabled:
-            self.rejected.labels(model, reason).inc()
+            self.lifecycle.refused(model, reason)
 
     def version_unloaded(self, model: str, version: int) -> None:
-        """Drop the version's series so dashboards show only what serves.
-
-        The loaded gauge is a prometheus_client Gauge: in multiprocess mode it cannot be
-        removed (its value lives in a shared file) and drops to 0 instead.
-        """
+        """Drop the version's series so dashboards show only what serves."""
         if not self.enabled:
             return
         v = str(version)
@@ -432,44 +385,9 @@ class Metrics:
             self._batch_children.pop((model, version), None)
             self.counts.remove(d.CONFIDENCE, {0: model, 1: v})
             self.counts.remove(d.PREDICTIONS, {0: model, 1: v})
-        if self.multiprocess:
-            self.version_loaded.labels(model, v).set(0)
-            return
-        with contextlib.suppress(KeyError):
-            self.version_loaded.remove(model, v)
+        self.lifecycle.unloaded(model, version)
 
     def set_current_version(self, model: str, version: int | None) -> None:
-        """`None`: the model no longer serves (0 in multiprocess mode, else no series)."""
-        if not self.enabled:
-            return
-        if version is not None:
-            self.current_version.labels(model).set(version)
-        elif self.multiprocess:
-            self.current_version.labels(model).set(0)
-        else:
-            with contextlib.suppress(KeyError):
-                self.current_version.remove(model)
-
-
-class RegistryMetrics:
-    """Registry events -> the model metrics: the registry's subscriber (it never calls Metrics).
-
-    `ModelRegistry(model_dir, metrics)` subscribes one; the metric names, labels and values
-    are those the registry used to set directly.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def __call__(self, event: RegistryEvent) -> None:
-        m = self._metrics
-        if isinstance(event, VersionLoaded):
-            m.version_available(event.model, event.version, event.load_s)
-        elif isinstance(event, VersionFailed):
-            m.version_failed(event.model, event.version, event.reason, event.load_s)
-        elif isinstance(event, VersionUnloaded):
-            m.version_unloaded(event.model, event.version)
-        elif isinstance(event, CurrentChanged):
-            m.set_current_version(event.model, event.current)
-        elif isinstance(event, NameRefused):
-            m.name_refused(event.model, event.reason)
+        """`None`: the model no longer serves."""
+        if self.enabled:
+            self.lifecycle.current(model, version)
