@@ -68,6 +68,20 @@ class _BatchSeries:
         self.confidence, self.predictions, self.stats = confidence, predictions, stats
 
 
+class _Group:
+    """Waiting batches of one label set, gathered for one bulk record."""
+
+    __slots__ = ("arrays", "finished_s", "forwards", "requests", "series", "waits")
+
+    def __init__(self, series: _BatchSeries) -> None:
+        self.series = series
+        self.forwards: list[float] = []
+        self.waits: list[float] = []
+        self.requests: list[int] = []  # requests per batch
+        self.arrays: list[npt.NDArray[np.float32]] = []
+        self.finished_s = 0.0
+
+
 class LiveCount:
     """A gauge's inc()/dec() as plain arithmetic under a lock, for the in-flight count.
 
@@ -307,21 +321,24 @@ class Metrics:
         """The queued batches, grouped per label set: one bulk record per group, so a scrape
         costs a few NumPy calls per model version rather than ~25 us per batch."""
         pending = self._pending
-        grouped: dict[int, tuple[_BatchSeries, list[float], list[float],
-                                 list[npt.NDArray[np.float32]]]] = {}
+        grouped: dict[int, _Group] = {}
         while pending:
             s, queue_waits_s, forward_s, probabilities, finished_s = pending.popleft()
             g = grouped.get(id(s))
             if g is None:
-                g = grouped[id(s)] = (s, [], [], [])
-            g[1].append(forward_s)
-            waits = list(queue_waits_s)
-            g[2].extend(waits)
-            g[3].append(probabilities)
-            s.stats.batch_done(probabilities.shape[0], forward_s, waits,
-                               int(finished_s * 1000))
-        for s, forwards, waits, arrays in grouped.values():
-            self._record_batches(s, forwards, waits, arrays)
+                g = grouped[id(s)] = _Group(s)
+            g.forwards.append(forward_s)
+            before = len(g.waits)
+            g.waits.extend(queue_waits_s)
+            g.requests.append(len(g.waits) - before)
+            g.arrays.append(probabilities)
+            g.finished_s = max(g.finished_s, finished_s)
+        for g in grouped.values():
+            g.series.stats.batches_done(
+                [p.shape[0] for p in g.arrays], g.forwards, g.requests, g.waits,
+                int(g.finished_s * 1000),
+            )
+            self._record_batches(g.series, g.forwards, g.waits, g.arrays)
 
     def _record_batches(
         self,

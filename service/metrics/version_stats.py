@@ -50,17 +50,28 @@ class VersionStats:
     def requests_done(self, ok: bool, durations_s: list[float]) -> None:
         (self.success if ok else self.fail).add(len(durations_s), sum(durations_s))
 
+    def batches_done(self, rows: list[int], forwards_s: list[float], requests: list[int],
+                     waits_s: list[float], finished_ms: int) -> None:
+        """Batches in bulk (a recording pass's worth): rows, forward time and requests of
+        each, every request's queue wait, when the last one finished."""
+        self.inference_count += sum(rows)
+        self.execution_count += len(rows)
+        self.queue.add(len(waits_s), sum(waits_s))
+        self.compute_infer.add(sum(requests),
+                               sum(f * n for f, n in zip(forwards_s, requests, strict=True)))
+        per_size: dict[int, list[float]] = {}
+        for size, f in zip(rows, forwards_s, strict=True):
+            per_size.setdefault(size, []).append(f)
+        for size, times in per_size.items():
+            b = self.batches.get(size)
+            if b is None:
+                b = self.batches[size] = Duration()
+            b.add(len(times), sum(times))
+        self.last_inference_ms = max(self.last_inference_ms, finished_ms)
+
     def batch_done(self, rows: int, forward_s: float, waits_s: list[float],
                    finished_ms: int) -> None:
-        self.inference_count += rows
-        self.execution_count += 1
-        self.queue.add(len(waits_s), sum(waits_s))
-        self.compute_infer.add(len(waits_s), forward_s * len(waits_s))
-        b = self.batches.get(rows)
-        if b is None:
-            b = self.batches[rows] = Duration()
-        b.add(1, forward_s)
-        self.last_inference_ms = max(self.last_inference_ms, finished_ms)
+        self.batches_done([rows], [forward_s], [len(waits_s)], waits_s, finished_ms)
 
     def copy(self) -> VersionStats:
         return copy.deepcopy(self)
