@@ -37,6 +37,17 @@ class VersionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class VersionRejected:
+    """A version loaded but failed its model's quality gate (`reason` "gate", or
+    "gate_invalid" when the gate itself is unusable); `detail` holds the measured figures."""
+
+    model: str
+    version: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class VersionUnloaded:
     """A version left the served set (its references drain with the last batch holding it)."""
 
@@ -64,7 +75,10 @@ class NameRefused:
     reason: str
 
 
-RegistryEvent = VersionLoaded | VersionFailed | VersionUnloaded | CurrentChanged | NameRefused
+RegistryEvent = (
+    VersionLoaded | VersionFailed | VersionRejected | VersionUnloaded | CurrentChanged
+    | NameRefused
+)
 Listener = Callable[[RegistryEvent], None]
 
 
