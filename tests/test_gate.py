@@ -94,7 +94,8 @@ def test_bad_version_is_rejected_with_figures_and_the_old_one_keeps_serving(
     info = classifier.GetModelInfo(pb.GetModelInfoRequest(model="mnist"), timeout=5)
     assert info.current_version == 1
     reason = version_row(info, 2).reason
-    assert reason.startswith("gate: accuracy 0.") and "below min_accuracy 0.9000" in reason
+    assert reason.startswith("gate: accuracy 0.")
+    assert "below min_accuracy 0.9000" in reason
     assert "/" not in reason  # figures, never a path, for unauthenticated callers
     listed = classifier.ListModels(pb.ListModelsRequest(), timeout=5).models[0]
     assert version_row(listed, 2).reason == reason
@@ -105,7 +106,8 @@ def test_bad_version_is_rejected_with_figures_and_the_old_one_keeps_serving(
     assert pb.VersionState.Name(row.state) == "VERSION_STATE_REJECTED"
     index = oip.RepositoryIndex(opb.RepositoryIndexRequest(), timeout=5)
     v2 = next(m for m in index.models if m.version == "2")
-    assert v2.state == "UNAVAILABLE" and v2.reason == reason
+    assert v2.state == "UNAVAILABLE"
+    assert v2.reason == reason
     assert server.sample("mnist_gate_rejected_versions_total",
                          {"model": "mnist", "reason": "gate"}) == 1
     assert (repo / "mnist" / "2").is_dir()  # stays on disk
@@ -134,12 +136,15 @@ def test_forced_promotion_serves_a_rejected_version_and_records_it(
     reply = admin.PromoteVersion(
         apb.AdminPromoteVersionRequest(model="mnist", version=2, force=True), metadata=AUTH
     )
-    assert reply.current_version == 2 and reply.current_pinned
+    assert reply.current_version == 2
+    assert reply.current_pinned
     row = next(v for v in reply.versions if v.version == 2)
-    assert row.reason == "forced" and "below min_accuracy" in row.detail
+    assert row.reason == "forced"
+    assert "below min_accuracy" in row.detail
     assert served(classifier) == 2
     info = classifier.GetModelInfo(pb.GetModelInfoRequest(model="mnist"), timeout=5)
-    assert info.current_pinned and version_row(info, 2).reason == "forced"
+    assert info.current_pinned
+    assert version_row(info, 2).reason == "forced"
 
 
 def test_max_drop_against_the_current_version(

@@ -221,8 +221,10 @@ def write_gate(
             doc["max_drop"] = float(max_drop)
         _write_synced(tmp / GATE_JSON, json.dumps(doc, indent=1).encode())
         with open(tmp / GATE_EVAL, "wb") as f:
-            np.savez(f, images=np.ascontiguousarray(images, dtype=np.uint8).reshape(-1, INPUT_SIZE),
-                     labels=np.asarray(labels, dtype=np.uint8))
+            np.savez_compressed(  # deflate: the loader's reader checks sizes before inflating
+                f, images=np.ascontiguousarray(images, dtype=np.uint8).reshape(-1, INPUT_SIZE),
+                labels=np.asarray(labels, dtype=np.uint8),
+            )
             f.flush()
             os.fsync(f.fileno())
         load_gate_from(tmp)
