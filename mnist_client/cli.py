@@ -154,7 +154,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())) or "-"
         acc = m.training_metrics.get("test_accuracy")
         acc_text = f"  test_accuracy {acc:.4f}" if acc is not None else ""
-        print(f"{m.name}  current {m.current_version or '-'}  labels {labels}{acc_text}")
+        pinned = "  (pinned: set-current MODEL 0 lifts it)" if m.current_pinned else ""
+        print(f"{m.name}  current {m.current_version or '-'}{pinned}  labels {labels}{acc_text}")
+        if m.canary_version:
+            print(f"  canary {m.canary_version} at {m.canary_percent:g}%")
+        if m.shadow_version:
+            print(f"  shadow {m.shadow_version}")
         for v in m.versions:
             reason = f"  ({v.reason})" if v.reason else ""
             print(f"  version {v.version}  {state_name(v.state)}{reason}")

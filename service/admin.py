@@ -153,7 +153,9 @@ class AdminServicer:
             if r.version < 0:
                 raise InvalidInput(f"version must be positive, or 0 to clear; got {r.version}")
             return encode_status(
-                await self._registry.set_current_version(_model_name(r.model), r.version)
+                await self._registry.set_current_version(
+                    _model_name(r.model), r.version, hold=r.hold
+                )
             )
 
         return await self._call(

@@ -148,12 +148,14 @@ class AdminOps(VersionManager):
             await self._rescan_locked()
         return self.model_status(name)
 
-    async def set_current_version(self, name: str, version: int) -> ModelStatus:
+    async def set_current_version(self, name: str, version: int, *, hold: bool = False
+                                  ) -> ModelStatus:
         """Pin the current version (0 clears the pin and returns to the policy).
 
         The pin holds until it is cleared, its version disappears, or a version newer than
         every version on disk at pin time loads: a rollback survives the bad version staying
-        on disk, and the next publish moves everyone forward again.
+        on disk, and the next publish moves everyone forward again. With `hold` newer
+        versions do not lift it (they load and wait for a canary or a promotion).
         """
         async with self._scan_lock:
             self._disk = await self._scan_disk()
@@ -163,7 +165,7 @@ class AdminOps(VersionManager):
                 self._canaries.pop(name, None)  # a canary holds a pin: it ends with it
                 await self._rescan_locked()
                 return self.model_status(name)
-            await self._pin_locked(name, version)
+            await self._pin_locked(name, version, MAX_VERSION if hold else 0)
         return self.model_status(name)
 
     async def _pin_locked(self, name: str, version: int, newest: int = 0) -> None:

@@ -62,12 +62,14 @@ class AdminUnloadVersionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class AdminSetCurrentVersionRequest(_message.Message):
-    __slots__ = ("model", "version")
+    __slots__ = ("model", "version", "hold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    hold: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., hold: _Optional[bool] = ...) -> None: ...
 
 class AdminSetLabelRequest(_message.Message):
     __slots__ = ("model", "label", "version")
