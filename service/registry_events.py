@@ -65,6 +65,16 @@ class CurrentChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class TrafficChanged:
+    """A model's canary or shadow changed (0: none): metrics show the share being steered."""
+
+    model: str
+    canary_version: int
+    canary_percent: float
+    shadow_version: int
+
+
+@dataclass(frozen=True, slots=True)
 class NameRefused:
     """A repository entry that cannot be a version ('version_name') or a model ('model_name').
 
@@ -77,7 +87,7 @@ class NameRefused:
 
 RegistryEvent = (
     VersionLoaded | VersionFailed | VersionRejected | VersionUnloaded | CurrentChanged
-    | NameRefused
+    | NameRefused | TrafficChanged
 )
 Listener = Callable[[RegistryEvent], None]
 

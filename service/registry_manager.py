@@ -32,6 +32,7 @@ from service.registry_events import (
     EventBus,
     Listener,
     NameRefused,
+    TrafficChanged,
     VersionLoaded,
     VersionRejected,
     VersionUnloaded,
@@ -353,6 +354,14 @@ class VersionManager:
                     self._signatures.pop((name, v), None)
                     self._events.publish(VersionUnloaded(name, v))
                     log.info("model %s version %d unloaded", name, v)
+        for name in sorted(set(old.canaries) | set(new.canaries) | set(old.shadows)
+                           | set(new.shadows)):
+            c, sh = new.canaries.get(name), new.shadows.get(name)
+            if (old.canaries.get(name), old.shadows.get(name)) != (c, sh):
+                self._events.publish(TrafficChanged(
+                    name, c.version if c else 0, c.percent if c else 0.0,
+                    sh.version if sh else 0,
+                ))
         for name in sorted(set(old.current) | set(new.current)):
             before, after = old.current.get(name), new.current.get(name)
             if before != after:

@@ -11,10 +11,18 @@ import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.registry_events import RegistryEvent, VersionRejected
+from service.registry_events import (
+    RegistryEvent,
+    TrafficChanged,
+    VersionLoaded,
+    VersionRejected,
+)
 
 CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 ROLES = ("current", "candidate")
+GATE_REASONS = ("gate", "gate_invalid")
+ROLLBACK_REASONS = ("errors", "disagreement", "divergence")
+CLASSES = tuple(str(c) for c in range(10))
 
 
 class PromotionMetrics:
@@ -44,7 +52,8 @@ class PromotionMetrics:
         )
         self.shadow_dropped = Counter(
             "mnist_shadow_dropped_total",
-            "Copies of live traffic dropped because the candidate's bounded queue was full.",
+            "Images of live traffic not recomputed (shadow or canary check) because the bounded "
+            "queue of the second forward pass was full.",
             ["model"], registry=r,
         )
         self.shadow_predictions = Counter(
@@ -59,9 +68,28 @@ class PromotionMetrics:
         )
 
     def on_event(self, event: RegistryEvent) -> None:
-        """A registry listener: counts gate rejections."""
+        """A registry listener: counts gate rejections, shows the canary's share, and
+        creates a model's series when it first loads (zeros on the dashboard, not gaps)."""
         if isinstance(event, VersionRejected):
             self.rejected.labels(event.model, event.reason).inc()
+        elif isinstance(event, TrafficChanged):
+            self.canary_percent.labels(event.model).set(event.canary_percent)
+        elif isinstance(event, VersionLoaded):
+            self._precreate(event.model)
+
+    def _precreate(self, model: str) -> None:
+        for reason in GATE_REASONS:
+            self.rejected.labels(model, reason)
+        for reason in ROLLBACK_REASONS:
+            self.rollbacks.labels(model, reason)
+        for result in ("agree", "disagree"):
+            self.shadow_compared.labels(model, result)
+        self.shadow_dropped.labels(model)
+        self.canary_percent.labels(model)
+        for role in ROLES:
+            self.shadow_confidence.labels(model, role)
+            for cls in CLASSES:
+                self.shadow_predictions.labels(model, role, cls)
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, PromotionMetrics] = (

@@ -174,7 +174,7 @@ class PromotionMonitor:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            self._metrics.shadow_dropped.labels(job.model).inc()
+            self._metrics.shadow_dropped.labels(job.model).inc(int(job.x.shape[0]))
 
     # --- the worker: second forward passes
 
