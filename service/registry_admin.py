@@ -202,8 +202,9 @@ class AdminOps(VersionManager):
                 del self._rejected[key]
                 log.warning("model %s version %d promoted past its gate by an admin (forced): "
                             "%s", name, version, rejection.detail)
-            elif force and key not in self._forced:
-                self._forced[key] = "forced before any gate verdict"
+            elif force and version not in self._snapshot.servable.get(name, {}):
+                # Not judged yet (or held by a broken gate): skip the gate for it.
+                self._forced[key] = "promoted before its gate judged it"
             canary = self._canaries.pop(name, None)
             if self._shadows.get(name) == version:
                 del self._shadows[name]

@@ -311,3 +311,52 @@ def test_broken_canary_is_rolled_back_within_its_window_under_load(
     assert window <= answers[3] <= 2 * window, answers
     assert answers[1] > answers[3]
     assert {s.classify(i).version for i in range(100)} == {1}  # out of traffic
+
+
+def test_a_canary_whose_requests_fail_is_rolled_back_for_its_error_rate(
+    repo: Path, tmp_path: Path
+) -> None:
+    """The error-rate signal, through the monitor's injected request counts (a real registry
+    and real forwards; only the count of failed requests is supplied: a loaded version's
+    forward cannot be made to fail from outside)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import Metrics
+    from service.promotion.monitor import PromotionMonitor, Thresholds
+    from service.registry import ModelRegistry
+
+    failed = {"errors": 0.0, "total": 0.0}
+
+    async def go() -> None:
+        metrics = Metrics(CollectorRegistry())
+        registry = ModelRegistry(repo, metrics, rescan_interval_s=0)
+        await registry.start()
+        await registry.set_current_version("mnist", 1, hold=True)
+        await registry.set_canary("mnist", 2, 50)
+        monitor = PromotionMonitor(
+            registry, metrics, thresholds=Thresholds(64, 0.05, 1.0, 1.0),
+            errors=lambda model, version: (failed["errors"], failed["total"]),
+        )
+        try:
+            x = pixels_to_input(IMAGES)
+            current, canary = registry.resolve("mnist", 1), registry.resolve("mnist", 2)
+            failed["total"] += 100  # the window opens at 0 / 100
+            monitor.observe(current, x, current.model.predict(x))
+            failed["errors"], failed["total"] = 10.0, 200.0  # 10 of the next 100 failed
+            monitor.observe(canary, x, canary.model.predict(x))  # 64 images: judged
+            for _ in range(100):
+                if registry.canary_of("mnist") is None:
+                    break
+                await asyncio.sleep(0.02)
+            status = registry.model_status("mnist")
+            assert status.canary_version == 0
+            assert "error rate 0.100 > 0.05 over 100 requests" in status.rollout_note
+            assert metrics.registry.get_sample_value(
+                "mnist_canary_rollbacks_total", {"model": "mnist", "reason": "errors"}) == 1
+        finally:
+            monitor.close()
+            await registry.close()
+
+    asyncio.run(go())
