@@ -327,10 +327,15 @@ class VersionManager:
             self._reject(key, sig, "gate_invalid",
                          f"the model's gate is unusable, new versions are held: {gate}")
             return False
-        verdict = await asyncio.to_thread(
-            gates.judge, model, gate, baseline.model if baseline else None,
-            baseline.version if baseline else 0,
-        )
+        try:
+            verdict = await asyncio.to_thread(
+                gates.judge, model, gate, baseline.model if baseline else None,
+                baseline.version if baseline else 0,
+            )
+        except Exception as e:  # a forward that fails on the gate fails the version alone
+            log.exception("model %s version %d: gate evaluation failed", name, version)
+            self._reject(key, sig, "gate", f"evaluation failed: {type(e).__name__}")
+            return False
         if verdict.passed:
             log.info("model %s version %d passed its gate: %s", name, version, verdict.detail)
             return True
