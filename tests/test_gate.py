@@ -233,3 +233,36 @@ def test_cold_start_rejects_below_min_accuracy_and_serves_the_next(
         classifier = pb_grpc.ClassifierStub(channel)
         assert served(classifier) == 1
         assert state_of(classifier, 2) == "VERSION_STATE_REJECTED"
+
+
+def test_the_issue_repro_a_one_epoch_model_no_longer_replaces_the_default(
+    tmp_path: Path, start: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15 as a new user met it: a model trained for one epoch on the real digits is
+    published next to the committed default; its committed gate keeps it from serving."""
+    import os
+    import shutil
+
+    from conftest import skip_or_fail
+
+    from trainer.cli import main as train_main
+
+    root = Path(__file__).resolve().parent.parent
+    data = Path(os.environ.get("MNIST_DATA_DIR", root.parent / "shared" / "data" / "mnist"))
+    if not (data / "train-images-idx3-ubyte.gz").exists():
+        skip_or_fail(f"no MNIST training set in {data} (set MNIST_DATA_DIR)")
+    repo = tmp_path / "models"
+    shutil.copytree(root / "models" / "mnist", repo / "mnist")
+    server = start(repo, rescan_interval_s=0.05)
+    with grpc.insecure_channel(server.target) as channel:
+        classifier = pb_grpc.ClassifierStub(channel)
+        assert served(classifier) == 1
+        assert train_main(["--data-dir", str(data), "--model-dir", str(repo), "--epochs", "1",
+                           "--hidden", "16", "--lr", "0.0003", "--quiet"]) == 0
+        capsys.readouterr()
+        wait_for(lambda: state_of(classifier, 2) == "VERSION_STATE_REJECTED", 30)
+        info = classifier.GetModelInfo(pb.GetModelInfoRequest(model="mnist"), timeout=5)
+        reason = version_row(info, 2).reason
+        assert "below min_accuracy 0.9500" in reason
+        assert info.current_version == 1
+        assert served(classifier) == 1
