@@ -258,7 +258,7 @@ def test_the_issue_repro_a_one_epoch_model_no_longer_replaces_the_default(
         classifier = pb_grpc.ClassifierStub(channel)
         assert served(classifier) == 1
         assert train_main(["--data-dir", str(data), "--model-dir", str(repo), "--epochs", "1",
-                           "--hidden", "16", "--lr", "0.0003", "--quiet"]) == 0
+                           "--quiet"]) == 0
         capsys.readouterr()
         wait_for(lambda: state_of(classifier, 2) == "VERSION_STATE_REJECTED", 30)
         info = classifier.GetModelInfo(pb.GetModelInfoRequest(model="mnist"), timeout=5)
