@@ -89,7 +89,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         with _client(args) as client:
             for result in client.classify_many(
                 batches(), concurrency=args.concurrency, model=args.model,
-                version=args.version, label=args.label,
+                version=args.version, label=args.label, routing_key=args.routing_key,
             ):
                 name, start, size = origin.popleft()
                 writer.write(result, name, start, size)
@@ -306,6 +306,8 @@ def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> 
     add("--model", default="", help="model name (default: the server's default model)")
     add("--version", default=0, type=int, help="model version (default 0: the current one)")
     add("--label", default="", help="version label, e.g. stable")
+    add("--routing-key", default="", help="canary routing key: while a model has a canary, the "
+        "same key always reaches the same version (default: the server draws at random)")
     add("--no-progress", default=False, action="store_true",
         help="no progress bar, even on a terminal")
     add("--tls", default=False, action="store_true", help="use TLS with the system roots")

@@ -360,3 +360,27 @@ def test_a_canary_whose_requests_fail_is_rolled_back_for_its_error_rate(
             await registry.close()
 
     asyncio.run(go())
+
+
+def test_the_client_library_and_cli_send_the_routing_key(
+    repo: Path, start: Callable[..., ServerThread], stubs_for: Callable[[ServerThread], Stubs],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mnist_client.client import ClassifierClient
+
+    server = serve(start, repo, **QUIET)
+    s = stubs_for(server)
+    s.hold(1)
+    s.canary(2, 50)
+    keys = [f"k{i}" for i in range(40)]
+    expected = {k: s.classify(0, routing_key=k).version for k in keys}
+    assert set(expected.values()) == {1, 2}
+    with ClassifierClient(server.target) as client:
+        for k in keys:
+            assert client.classify(IMAGES[:1], routing_key=k).version == expected[k]
+    image = tmp_path / "digit.npy"
+    np.save(image, IMAGES[:1].reshape(1, 28, 28))
+    for k in keys[:10]:
+        assert client_main(["--target", server.target, "--json", "--routing-key", k,
+                            "classify", str(image)]) == 0
+        assert f'"version": {expected[k]}' in capsys.readouterr().out
