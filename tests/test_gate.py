@@ -8,6 +8,7 @@ The gate's labels are what one model (seed 1) answers on random digits, so that 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -189,9 +190,14 @@ def test_gate_hot_reloads_and_a_rejected_version_is_judged_again(
                            labels=np.full(3, 12, np.uint8)),
         lambda g: np.savez(g / "eval.npz", images=np.zeros((3, 784), np.uint8),
                            labels=np.array([{"x": 1}] * 3, dtype=object)),
+        lambda g: ((g / "gate.json").unlink(), os.mkfifo(g / "gate.json")),
+        lambda g: ((g / "eval.npz").unlink(), os.symlink("/etc/passwd", g / "eval.npz")),
+        lambda g: np.savez(g / "eval.npz", images=np.zeros((gates.MAX_GATE_IMAGES + 1, 784),
+                                                           np.uint8),
+                           labels=np.zeros(gates.MAX_GATE_IMAGES + 1, np.uint8)),
     ],
     ids=["json", "range", "unknown_key", "json_too_big", "truncated_npz", "missing_npz",
-         "float_images", "label_range", "pickle"],
+         "float_images", "label_range", "pickle", "fifo", "symlink_out", "too_many_images"],
 )
 def test_broken_gate_holds_new_versions_and_keeps_serving(
     repo: Path, server: ServerThread, stubs: tuple[Any, Any, Any],
