@@ -53,6 +53,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,6 +68,9 @@ from service.registry import ModelRegistry, ServableVersion
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
+# Told of every version group's forward pass: the version, its input rows and the
+# probabilities it answered (issue 15's shadow traffic). Must not modify the arrays.
+ForwardObserver = Callable[[ServableVersion, Array, Array], None]
 
 # Decoded float32 rows take at most 4 bytes per byte of the message carrying them (uint8
 # pixels expand 4x, float32 pixels and v2 typed contents at most 1x-4x): a request is charged
@@ -192,6 +196,21 @@ class Batcher:
         # Guards the queue and its counts: submit_nowait/run_queued run on gRPC core's polling
         # thread, submit and the worker on the event loop.
         self._lock = threading.Lock()
+        self._observers: tuple[ForwardObserver, ...] = ()
+
+    def add_forward_observer(self, observer: ForwardObserver) -> None:
+        """Call `observer(version, x, probabilities)` after each version group's forward,
+        once its requests have their answers, on the thread that computed the batch: keep it
+        short and hand heavy work to a thread of your own. One that raises is logged; it
+        never fails the batch. None registered costs nothing."""
+        self._observers = (*self._observers, observer)
+
+    def _observe(self, sv: ServableVersion, x: Array, probs: Array) -> None:
+        for observer in self._observers:
+            try:
+                observer(sv, x, probs)
+            except Exception:
+                log.exception("forward observer %r failed (the batch was answered)", observer)
 
     # --- lifecycle
 
@@ -523,6 +542,8 @@ class Batcher:
                     self._failed(sv, members, x, e)
                     continue
                 self._deliver(sv, members, probs, time.perf_counter() - started)
+                if self._observers:
+                    self._observe(sv, x, probs)
         except Exception:  # never leave a waiter hanging
             log.exception("batch failed unexpectedly")
             self._fail_all(batch)
@@ -557,6 +578,8 @@ class Batcher:
             self._failed(sv, members, x, e)
             return
         self._deliver(sv, members, probs, time.perf_counter() - started)
+        if self._observers:
+            self._observe(sv, x, probs)
 
     def _failed(self, sv: ServableVersion, members: list[_Pending], x: Array,
                 e: Exception) -> None:

@@ -91,6 +91,26 @@ class Settings:
         None, "bearer token the admin service requires (required when it is enabled)"
     )
     admin_port: int | None = _opt(None, "serve admin on its own port instead of --port")
+    # --- promotion: canary rollback and shadow (docs/versions.md, "Promotion")
+    canary_window_images: int = _opt(
+        500, "a canary is judged after each window of this many images it answered"
+    )
+    canary_max_error_rate: float = _opt(
+        0.02, "roll a canary back when more than this share of its requests in a window "
+        "fail with a server error"
+    )
+    canary_max_disagreement: float = _opt(
+        0.25, "roll a canary back when its top class differs from the current version's on "
+        "more than this share of the images rechecked in a window"
+    )
+    canary_max_divergence: float = _opt(
+        0.25, "roll a canary back when its predicted-class distribution is further than this "
+        "(total variation, 0..1) from the current version's over a window"
+    )
+    shadow_queue_batches: int = _opt(
+        64, "batches waiting for the second forward pass (shadow, canary checks) at most; "
+        "more are dropped and counted in mnist_shadow_dropped_total"
+    )
     # --- observability
     metrics_enabled: bool = _opt(True, "export Prometheus metrics over HTTP")
     metrics_host: str = _opt("0.0.0.0", "address for the /metrics endpoint")
@@ -183,7 +203,7 @@ def validate(s: Settings) -> None:
     """Reject nonsense early, with the flag's name in the message."""
     problems: list[str] = []
     positive = ("workers", "max_batch_rows", "max_queue_rows", "max_queue_bytes",
-                "max_images_per_request")
+                "max_images_per_request", "canary_window_images", "shadow_queue_batches")
     for name in positive:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")
@@ -193,6 +213,9 @@ def validate(s: Settings) -> None:
                  "inline_forward_max_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    for name in ("canary_max_error_rate", "canary_max_disagreement", "canary_max_divergence"):
+        if not 0 <= getattr(s, name) <= 1:
+            problems.append(f"--{name.replace('_', '-')} must be in 0..1, got {getattr(s, name)}")
     if s.frontend not in ("core", "aio"):
         problems.append(f"--frontend must be 'core' or 'aio', got {s.frontend!r}")
     if s.fault_injection not in FAULTS:

@@ -212,6 +212,10 @@ class InferenceServicer:
         request = tensors.parse(pb.ModelInferRequest, raw)
         job.id = request.id
         job.number, job.label = tensors.parse_version(request.model_version)
+        # A canary is chosen once, here, by the request parameter "routing_key" (a string).
+        key = request.parameters["routing_key"].string_param if (
+            "routing_key" in request.parameters) else ""
+        job.number = self._registry.route(request.model_name, job.number, job.label, key)
         # Fail fast on a model, version or label not loaded (nothing unknown is queued, nor
         # names a metric series); a label resolves again at batch time, as in the native API.
         sv = self._registry.resolve(request.model_name, job.number, job.label)

@@ -38,6 +38,7 @@ from service.config import Settings
 from service.fatal import die
 from service.malformed import Registrar, enable_reflection
 from service.metrics import Metrics, start_exporter
+from service.promotion.monitor import promotion_monitor
 from service.registry import CurrentChanged, ModelRegistry, RegistryEvent
 from service.supervisor import die_with_supervisor, supervise
 from service.transport import CoreServer
@@ -193,6 +194,9 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         enabled=settings.batching,
         inline_max_rows=settings.inline_forward_max_rows,
     )
+    monitor = promotion_monitor(registry, metrics, settings)  # canary rollback, shadow
+    batcher.add_forward_observer(monitor.observe)
+    closers.append(monitor.close)
     await update_health()  # NOT_SERVING until a model is loaded
     await registry.start()
     await update_health()

@@ -82,6 +82,10 @@ class ClassifierServicer:
         batch re-resolves at its time)."""
         request = codec.parse_request(raw)
         x = codec.decode_pixels(request, self._max_images)
+        # A canary is chosen once, here, and queued as its number (the batch keeps it).
+        request.version = self._registry.route(
+            request.model, request.version, request.version_label, request.routing_key
+        )
         self._check_exists(request)
         return request, x
 

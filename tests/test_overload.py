@@ -285,6 +285,9 @@ class _BlockingRegistry:
     def resolve(self, model: str = "", version: int = 0, label: str = "") -> ServableVersion:
         return self.sv
 
+    def route(self, model: str = "", version: int = 0, label: str = "", key: str = "") -> int:
+        return version  # no canary here
+
     def status(self) -> Any:
         return self.registry.status()
 
