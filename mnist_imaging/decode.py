@@ -10,8 +10,9 @@ Safety, in the order the checks run:
   formats=...)`), so the rarely used parsers with long CVE histories (TIFF, PSD, EPS, ICO,
   ...) are never reached; a known format outside the list is named as such;
 - pixels: width x height from the header, checked against `limits.max_pixels` BEFORE the
-  pixel data is decoded (a 20000x20000 PNG is ~1 MB on the wire and 400 MB decoded). Pillow's
-  own bomb check (Image.MAX_IMAGE_PIXELS) is a second line, mapped to the same reason;
+  pixel data is decoded (a 20000x20000 PNG is 0.4 MB on the wire and 400 MB decoded). It
+  replaces Pillow's own check (Image.MAX_IMAGE_PIXELS, which warns or raises at open time
+  without saying the size); a DecompressionBombError is still mapped to the same reason;
 - frames: animated images (GIF, APNG, WebP) are refused, not silently cut to one frame; a
   phone's multi-picture JPEG (MPO) is a JPEG whose first picture is the photo;
 - modes: palette, alpha (flattened onto white, as a viewer shows it), CMYK, 16-bit and 1-bit
@@ -94,9 +95,9 @@ def decode_gray(data: bytes, limits: ImageLimits) -> Uint8Array:
         raise ImageError("too_large", f"image of {len(data)} bytes: at most "
                                       f"{limits.max_bytes} bytes allowed")
     Image, UnidentifiedImageError = _pillow()
-    # Our header check below is the limit; Pillow's (2x its MAX_IMAGE_PIXELS raises, 1x warns)
-    # stays a backstop at the same number and must not warn about sizes we already allow.
-    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    # Our header check below (right after open, before any pixel is decoded) is the limit, and
+    # names the size; Pillow's own, in open, would pre-empt it with a vaguer message.
+    Image.MAX_IMAGE_PIXELS = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -108,7 +109,11 @@ def decode_gray(data: bytes, limits: ImageLimits) -> Uint8Array:
         except UnidentifiedImageError:
             raise _unidentified(data) from None
         except Exception as e:  # a plugin's complaint about a damaged header
-            raise ImageError("corrupt", f"damaged image header ({_short(e)})") from None
+            name = _sniff(data) or "image"
+            if "runcated" in str(e) or isinstance(e, EOFError):
+                raise ImageError("truncated", f"truncated {name} ({_short(e)})", name) \
+                    from None
+            raise ImageError("corrupt", f"damaged {name} header ({_short(e)})", name) from None
         with img:
             return _gray(img, limits)
 
@@ -168,7 +173,8 @@ def _to_gray(img: Any, fmt: str) -> Uint8Array:
     if mode.startswith("I;16") or mode == "I":
         # 16-bit gray: scale to 8 bits (Pillow's convert("L") would clip everything >255).
         wide = np.asarray(img.convert("I"), dtype=np.float32) / 257.0
-        return np.clip(np.rint(wide), 0, 255).astype(np.uint8)
+        scaled: Uint8Array = np.clip(np.rint(wide), 0, 255).astype(np.uint8)
+        return scaled
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         mode in ("P", "L", "RGB") and "transparency" in img.info
     ):
@@ -176,7 +182,8 @@ def _to_gray(img: Any, fmt: str) -> Uint8Array:
         alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
         gray = np.asarray(rgba.convert("L"), dtype=np.float32)
         flat = gray * alpha + 255.0 * (1.0 - alpha)  # transparent = white paper
-        return np.clip(np.rint(flat), 0, 255).astype(np.uint8)
+        flattened: Uint8Array = np.clip(np.rint(flat), 0, 255).astype(np.uint8)
+        return flattened
     if mode in ("L", "1", "P", "RGB", "CMYK", "YCbCr", "RGBX"):
         out: npt.NDArray[np.uint8] = np.asarray(img.convert("L"), dtype=np.uint8)
         return out
@@ -184,7 +191,29 @@ def _to_gray(img: Any, fmt: str) -> Uint8Array:
                                          "gray, RGB, palette, CMYK or 16-bit gray", fmt)
 
 
+# Signatures of the formats we decode: bytes that start like one but could not be opened
+# were cut short (or damaged) rather than something else altogether.
+_ALLOWED_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"), (b"BM", "BMP"),
+)
+
+
+def _sniff(data: bytes) -> str | None:
+    """Which allowed format the bytes start like, if any."""
+    for signature, name in _ALLOWED_SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def _unidentified(data: bytes) -> ImageError:
+    name = _sniff(data)
+    if name is not None:
+        return ImageError("truncated", f"truncated or damaged {name} image: its header "
+                                       f"cannot be read ({len(data)} bytes)", name)
     for signature, name in _REFUSED_SIGNATURES:
         if data.startswith(signature):
             return ImageError("unsupported_format",

@@ -335,6 +335,18 @@ class Metrics:
             "Top-class probability of each image answered, by version.",
             ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r,
         )
+        self.image_decode_duration = Histogram(
+            "mnist_image_decode_duration_seconds",
+            "Time to decode and preprocess one request's encoded images (waiting for a "
+            "decoder process included), by result (ok, failed).",
+            ["result"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.image_decode_failures = Counter(
+            "mnist_image_decode_failures",
+            "Requests refused for an encoded image, by image format (the allow-list or "
+            "'unknown') and reason (mnist_imaging.decode.REASONS).",
+            ["format", "reason"], registry=r,
+        )
         self.frontend = Gauge(
             "mnist_frontend_info",
             "1 for the gRPC front end that serves: 'core' (completion queue, proven by the "
@@ -354,6 +366,15 @@ class Metrics:
     @classmethod
     def disabled(cls) -> Metrics:
         return cls(None, enabled=False)
+
+    def image_decoded(self, seconds: float, failure: tuple[str, str] | None = None) -> None:
+        """One request's images decoded, or refused for (format, reason); both from the fixed
+        sets of mnist_imaging.decode, never a caller's string."""
+        if not self.enabled:
+            return
+        self.image_decode_duration.labels("ok" if failure is None else "failed").observe(seconds)
+        if failure is not None:
+            self.image_decode_failures.labels(*failure).inc()
 
     def set_frontend(self, frontend: str) -> None:
         if self.enabled:

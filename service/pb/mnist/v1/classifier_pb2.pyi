@@ -30,7 +30,7 @@ VERSION_STATE_FAILED: VersionState
 VERSION_STATE_UNLOADED: VersionState
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id", "packed_output")
+    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id", "packed_output", "images")
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ClassifyRequest(_message.Message):
     VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PACKED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     pixels: bytes
     encoding: Encoding
     image_count: int
@@ -47,7 +48,8 @@ class ClassifyRequest(_message.Message):
     version_label: str
     request_id: str
     packed_output: bool
-    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_output: _Optional[bool] = ...) -> None: ...
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_output: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "probabilities")
