@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import ServerThread, make_model, uint8_request
 from PIL import Image
+from procs import free_port, stop_process
 
 from mnist_client.images import load_image
 from service.model import pixels_to_input
@@ -295,3 +298,32 @@ def test_a_flood_of_slow_images_does_not_starve_pixel_requests(
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert grpc.StatusCode.OK in codes
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def test_a_server_without_pillow_starts_and_says_why_it_refuses_images(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Pillow is an optional extra: hidden from a real server process, which must start,
+    serve pixels, and answer encoded images with FAILED_PRECONDITION."""
+    port = free_port()
+    hide_pillow = ("import sys; sys.modules['PIL'] = None; "
+                   "from service.__main__ import main; sys.exit(main())")
+    log = (tmp_path / "server.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-c", hide_pillow, "--model-dir", str(model_repo), "--host",
+         "127.0.0.1", "--port", str(port), "--no-metrics-enabled"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            stub = pb_grpc.ClassifierStub(ch)
+            pixels = stub.Classify(uint8_request(np.zeros((1, 28, 28), np.uint8)),
+                                   timeout=30, wait_for_ready=True)
+            assert len(pixels.predictions) == 1
+            error = refused(stub, pb.ClassifyRequest(images=[encoded(a_digit(0))]))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "without the 'image' extra (Pillow)" in (error.details() or "")
+    finally:
+        assert stop_process(process) == 0
+        log.close()
