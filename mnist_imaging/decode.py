@@ -22,6 +22,7 @@ Time is bounded by the caller: the server decodes in processes it can kill (mnis
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import warnings
@@ -54,6 +55,9 @@ _REFUSED_SIGNATURES = (
 # Defaults shared by the CLI and the server (service/config.py takes them as its defaults).
 DEFAULT_MAX_BYTES = 1 << 20
 DEFAULT_MAX_PIXELS = 1 << 22  # 2048 x 2048
+# All of one request's images together (a decoder's work per request is bounded by pixels, not
+# by image count: 4096 MNIST-size images are 3.2 Mpx, four 2048 x 2048 photos 16.8 Mpx).
+DEFAULT_MAX_REQUEST_PIXELS = 1 << 24
 
 
 class ImageError(ValueError):
@@ -68,10 +72,12 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What one image may cost: encoded bytes and decoded pixels (checked from the header)."""
+    """What one image may cost: encoded bytes and decoded pixels (checked from the header);
+    `max_request_pixels` bounds all images of one server request (mnist_imaging.worker)."""
 
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
 
 
 def available() -> bool:
@@ -81,8 +87,19 @@ def available() -> bool:
 
 def to_mnist(data: bytes, limits: ImageLimits) -> Uint8Array:
     """MNIST-style (28, 28) uint8 pixels for one encoded image, or ImageError saying why not."""
+    return to_mnist_counted(data, limits)[0]
+
+
+def to_mnist_counted(data: bytes, limits: ImageLimits,
+                     pixels_left: int | None = None) -> tuple[Uint8Array, int]:
+    """to_mnist, and how many pixels were decoded (what the image cost). `pixels_left`: what
+    the request's pixel budget still allows this image (a server request of many images);
+    the per-image limit applies whatever it says."""
+    if pixels_left is not None and pixels_left < limits.max_pixels:
+        limits = dataclasses.replace(limits, max_pixels=max(pixels_left, 0))
+    gray = decode_gray(data, limits)
     try:
-        return preprocess(decode_gray(data, limits))
+        return preprocess(gray), int(gray.size)
     except PreprocessError as e:
         raise ImageError("unsupported_mode", str(e)) from None
 

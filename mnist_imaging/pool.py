@@ -61,7 +61,8 @@ class _Worker:
         env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"  # it does no matrix math
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "mnist_imaging.worker", str(theirs.fileno()),
-             str(self._limits.max_bytes), str(self._limits.max_pixels)],
+             str(self._limits.max_bytes), str(self._limits.max_pixels),
+             str(self._limits.max_request_pixels)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # a terminal's Ctrl-C is the server's to handle
         )

@@ -1,4 +1,4 @@
-"""A decoder process: `python -m mnist_imaging.worker FD MAX_BYTES MAX_PIXELS`.
+"""A decoder process: `python -m mnist_imaging.worker FD MAX_BYTES MAX_PIXELS MAX_REQ_PIXELS`.
 
 Started and killed by mnist_imaging.pool. It reads requests from the socket FD and answers
 each with MNIST pixels or the first image's refusal. Image decoding is C code (libpng,
@@ -19,7 +19,7 @@ import struct
 import sys
 from multiprocessing.connection import Connection
 
-from mnist_imaging.decode import ImageError, ImageLimits, to_mnist
+from mnist_imaging.decode import ImageError, ImageLimits, to_mnist_counted
 
 OK, FAILED = b"\x00", b"\x01"
 
@@ -38,11 +38,18 @@ def serve(conn: Connection, limits: ImageLimits) -> None:
         except (EOFError, OSError):
             return
         out = bytearray(OK)
+        budget = limits.max_request_pixels
         for i, blob in enumerate(blobs):
             try:
-                out += to_mnist(blob, limits).tobytes()
+                pixels, cost = to_mnist_counted(blob, limits, pixels_left=budget)
+                out += pixels.tobytes()
+                budget -= cost
             except ImageError as e:
-                conn.send_bytes(_refusal(i, e.reason, e.format, str(e)))
+                message = str(e)
+                if e.reason == "too_many_pixels" and budget < limits.max_pixels:
+                    message += (f" (what is left of the request's {limits.max_request_pixels}"
+                                "-pixel budget for all its images)")
+                conn.send_bytes(_refusal(i, e.reason, e.format, message))
                 break
             except MemoryError:
                 conn.send_bytes(_refusal(i, "too_many_pixels", "unknown",
@@ -57,14 +64,15 @@ def serve(conn: Connection, limits: ImageLimits) -> None:
 
 
 def main(argv: list[str]) -> int:
-    fd, max_bytes, max_pixels = (int(a) for a in argv)
+    fd, max_bytes, max_pixels, max_request_pixels = (int(a) for a in argv)
     # The server owns shutdown: it closes the socket (EOF ends serve) or kills us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from mnist_imaging.decode import _pillow
 
     _pillow()  # the plugins imported now, not within the first request's time limit
-    serve(Connection(fd), ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels))
+    serve(Connection(fd), ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels,
+                                      max_request_pixels=max_request_pixels))
     return 0
 
 

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnist_imaging.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from mnist_imaging.decode import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+)
 
 ENV_PREFIX = "MNIST_"
 # --fault-injection values (tests/test_fatal.py, tests/test_server.py drive them).
@@ -87,9 +91,12 @@ class Settings:
         DEFAULT_MAX_PIXELS, "most pixels (width x height, read from the header before "
         "decoding) one image may have"
     )
+    image_max_request_pixels: int = _opt(
+        DEFAULT_MAX_REQUEST_PIXELS, "most pixels all images of one request may have together"
+    )
     image_decode_timeout_s: float = _opt(
-        2.0, "longest one request's images may take to decode; the decoder process is "
-        "killed and replaced past it (INVALID_ARGUMENT)"
+        1.0, "decode time allowed per image: a request of N images gets N times this (or its "
+        "deadline, if sooner), then its decoder process is killed and replaced"
     )
     image_max_waiting: int = _opt(
         64, "requests waiting for a decoder at most; past it RESOURCE_EXHAUSTED"
@@ -207,7 +214,7 @@ def validate(s: Settings) -> None:
     problems: list[str] = []
     positive = ("workers", "max_batch_rows", "max_queue_rows", "max_queue_bytes",
                 "max_images_per_request", "image_max_bytes", "image_max_request_bytes",
-                "image_max_pixels", "image_max_waiting")
+                "image_max_pixels", "image_max_request_pixels", "image_max_waiting")
     for name in positive:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")

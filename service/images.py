@@ -50,7 +50,8 @@ class ImageDecoder:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics
         self._limits = ImageLimits(max_bytes=settings.image_max_bytes,
-                                   max_pixels=settings.image_max_pixels)
+                                   max_pixels=settings.image_max_pixels,
+                                   max_request_pixels=settings.image_max_request_pixels)
         self._max_request_bytes = settings.image_max_request_bytes
         self._timeout_s = settings.image_decode_timeout_s
         self._max_waiting = settings.image_max_waiting
@@ -128,7 +129,7 @@ class ImageDecoder:
         if self._waiting >= self._max_waiting:
             raise Overloaded(f"{self._waiting} requests are waiting for an image decoder: "
                              "retry with backoff")
-        timeout_s, by_deadline = self._timeout_s, False
+        timeout_s, by_deadline = self._timeout_s * len(blobs), False
         if deadline_s is not None and deadline_s < timeout_s:
             timeout_s, by_deadline = deadline_s, True
         started = time.perf_counter()

@@ -327,3 +327,41 @@ def test_a_server_without_pillow_starts_and_says_why_it_refuses_images(
     finally:
         assert stop_process(process) == 0
         log.close()
+
+
+def test_many_images_in_one_request(stub: pb_grpc.ClassifierStub) -> None:
+    files = [encoded(a_digit(s, size=(40, 30))) for s in range(1000)]
+    reply = stub.Classify(pb.ClassifyRequest(images=files, packed_output=True), timeout=120)
+    expected = make_model(seed=1).predict(
+        pixels_to_input(np.stack([cli_pixels(f) for f in files])))
+    assert list(reply.labels) == list(expected.argmax(axis=1))
+
+
+def test_a_request_has_a_pixel_budget_for_all_its_images(
+    model_repo: Path, start: Callable[..., ServerThread]
+) -> None:
+    """Each image within --image-max-pixels, but together past --image-max-request-pixels."""
+    server = start(model_repo, image_max_pixels=1_000_000, image_max_request_pixels=2_500_000)
+    big = encoded(np.full((1000, 1000), 255, np.uint8))  # 1 Mpx, a few kB
+    with grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        assert len(stub.Classify(pb.ClassifyRequest(images=[big] * 2), timeout=60)
+                   .predictions) == 2
+        error = refused(stub, pb.ClassifyRequest(images=[big] * 3))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.details() or ""
+    assert details.startswith("image 2: PNG image of 1000x1000"), details
+    assert "2500000-pixel budget for all its images" in details
+
+
+def test_a_request_id_that_is_not_utf8_is_refused_and_the_server_goes_on(
+    channel: grpc.Channel, stub: pb_grpc.ClassifierStub
+) -> None:
+    body = pb.ClassifyRequest(images=[encoded(a_digit(0))]).SerializeToString()
+    body += b"\x3a\x02\xff\xfe"  # field 7 (request_id), 2 bytes that are not UTF-8
+    classify = channel.unary_unary("/mnist.v1.Classifier/Classify")
+    with pytest.raises(grpc.RpcError) as info:
+        classify(body, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(stub.Classify(pb.ClassifyRequest(images=[encoded(a_digit(0))]),
+                             timeout=30).predictions) == 1
