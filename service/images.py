@@ -76,9 +76,7 @@ class ImageDecoder:
             self._threads = concurrent.futures.ThreadPoolExecutor(
                 settings.image_decode_workers, thread_name_prefix="image-decode"
             )
-        log.info("event=image_decoding workers=%d max_pixels=%d max_bytes=%d status=%s",
-                 settings.image_decode_workers if self._pool else 0, self._limits.max_pixels,
-                 self._limits.max_bytes, "on" if self.unavailable is None else "off")
+        self._workers = settings.image_decode_workers if self._pool is not None else 0
 
     @classmethod
     def off(cls, metrics: Metrics | None = None) -> ImageDecoder:
@@ -87,6 +85,10 @@ class ImageDecoder:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop the fast lane hands image requests to (start_server calls it)."""
         self._loop = loop
+        log.info("event=image_decoding status=%s workers=%d max_bytes=%d max_pixels=%d%s",
+                 "on" if self.unavailable is None else "off", self._workers,
+                 self._limits.max_bytes, self._limits.max_pixels,
+                 "" if self.unavailable is None else f" reason={self.unavailable!r}")
 
     def check(self, blobs: Sequence[bytes], max_images: int) -> None:
         """Everything cheap, before a request is queued for decoding."""
