@@ -150,3 +150,17 @@ def test_cli_refuses_a_decompression_bomb_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in stderr, stderr
     assert "20000x20000" in stderr, stderr
     assert "bomb-" in stderr
+
+
+def test_cli_refuses_an_image_over_the_pixel_limit_that_pillow_would_decode(
+    tmp_path: Path,
+) -> None:
+    """9 Mpx is under Pillow's own bomb limit (89 Mpx warns, 179 Mpx raises), so the CLI used
+    to decode it whole (a 12000x12000 one took 2 GB and 14 s); the header check refuses it."""
+    big = tmp_path / "big.png"
+    big.write_bytes(save(Image.new("L", (3000, 3000), 255)))
+    done = cli("classify", str(big))
+    stderr = done.stderr.decode()
+    assert done.returncode != 0
+    assert "Traceback" not in stderr, stderr
+    assert "3000x3000 = 9000000 pixels: at most 4194304 allowed" in stderr, stderr
