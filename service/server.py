@@ -36,6 +36,7 @@ from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
 from service.fatal import die
+from service.images import ImageDecoder
 from service.malformed import Registrar, enable_reflection
 from service.metrics import Metrics, start_exporter
 from service.promotion.monitor import promotion_monitor
@@ -209,9 +210,13 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
         server = core
     else:
         server = grpc.aio.server(options=_server_options(settings))
+    images = ImageDecoder(settings, metrics)  # decoder processes for encoded images
+    images.bind(asyncio.get_running_loop())
+    closers.append(images.close)
     classifier.add_to_server(
         classifier.ClassifierServicer(
-            registry, batcher, metrics, max_images=settings.max_images_per_request
+            registry, batcher, metrics, max_images=settings.max_images_per_request,
+            images=images,
         ),
         server,
     )
@@ -226,7 +231,8 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     if admin_endpoint is not None and admin_endpoint.server is None:
         services.append(admin.SERVICE_NAME)
     oip.add_to_server(
-        server, registry=registry, batcher=batcher, metrics=metrics, settings=settings
+        server, registry=registry, batcher=batcher, metrics=metrics, settings=settings,
+        images=images,
     )
     services.append(oip.SERVICE_NAME)
     # --- end of servicer registrations

@@ -23,6 +23,7 @@ from service import codec
 from service.batcher import Batcher, Prediction
 from service.errors import NotFound, ServiceError, status_of
 from service.fastpath import Answer, refuse
+from service.images import ImageDecoder, classify_blobs
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.registry import ModelRegistry, ServableVersion
@@ -37,12 +38,14 @@ STREAM_WINDOW = 64
 
 class ClassifierServicer:
     def __init__(
-        self, registry: ModelRegistry, batcher: Batcher, metrics: Metrics, *, max_images: int
+        self, registry: ModelRegistry, batcher: Batcher, metrics: Metrics, *, max_images: int,
+        images: ImageDecoder | None = None,
     ) -> None:
         self._registry = registry
         self._batcher = batcher
         self._metrics = metrics
         self._max_images = max_images
+        self._images = images or ImageDecoder.off(metrics)
 
     async def _classify(
         self, raw: bytes, method: str, time_remaining: float | None
@@ -55,6 +58,8 @@ class ClassifierServicer:
         try:
             self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw)
+            if x is None:  # encoded images: decoded in the decoder processes, off this loop
+                x = await self._images.decode(request.images, time_remaining)
             images = int(x.shape[0])
             prediction = await self._batcher.submit(
                 x,
@@ -77,10 +82,15 @@ class ClassifierServicer:
                 method, model, version, code.name, images, time.perf_counter() - started
             )
 
-    def _prepare(self, raw: bytes) -> tuple[pb.ClassifyRequest, codec.Array]:
+    def _prepare(self, raw: bytes) -> tuple[pb.ClassifyRequest, codec.Array | None]:
         """Parse and validate completely; fail fast on an unknown model/version/label (the
-        batch re-resolves at its time)."""
+        batch re-resolves at its time). No pixels yet (None) when the request carries
+        encoded images: they are checked here and decoded by the caller, off-thread."""
         request = codec.parse_request(raw)
+        if request.images:
+            self._images.check(classify_blobs(request), self._max_images)
+            self._check_exists(request)
+            return request, None
         x = codec.decode_pixels(request, self._max_images)
         # A canary is chosen once, here, and queued as its number (the batch keeps it).
         request.version = self._registry.route(
@@ -97,15 +107,34 @@ class ClassifierServicer:
         try:
             self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
             request, x = self._prepare(raw)
-            answer.images = int(x.shape[0])
             # Not the request itself: its pixels would stay alive until the reply.
             answer.encode = functools.partial(_encoded, request.request_id,
                                               request.packed_output)
+            if x is None:  # encoded images: never decoded on this thread; the loop goes on
+                answer.images = len(request.images)
+                self._images.start_soon(self._classify_images(answer, request, call, len(raw)))
+                return
+            answer.images = int(x.shape[0])
             self._batcher.submit_nowait(
                 x, answer, model=request.model, version=request.version,
                 label=request.version_label, deadline_s=call.time_remaining(),
                 wire_bytes=len(raw),
             )
+        except Exception as e:
+            answer.set_exception(e)
+
+    async def _classify_images(
+        self, answer: Answer, request: pb.ClassifyRequest, call: FastCall, wire_bytes: int
+    ) -> None:
+        """classify_now's continuation on the event loop for a request of encoded images."""
+        try:
+            x = await self._images.decode(request.images, call.time_remaining())
+            prediction = await self._batcher.submit(
+                x, model=request.model, version=request.version,
+                label=request.version_label, deadline_s=call.time_remaining(),
+                wire_bytes=wire_bytes,
+            )
+            answer.set_result(prediction)
         except Exception as e:
             answer.set_exception(e)
 

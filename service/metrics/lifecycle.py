@@ -1,6 +1,8 @@
-"""Model-lifecycle metrics: loads, loaded and current versions, the serving front end.
+"""Model-lifecycle metrics: loads, loaded and current versions, the serving front end; and
+encoded-image decoding (each decode costs ~1 ms in a decoder process, so one ordinary
+`observe` per request is noise beside it).
 
-They change a few times a day, so they stay ordinary prometheus_client metrics (public API),
+The lifecycle ones change a few times a day, so they stay ordinary prometheus_client metrics (public API),
 which work in multiprocess mode as they are (memory-mapped files, `livemax` gauges).
 `RegistryMetrics` is the registry's event subscriber that feeds them through `Metrics`.
 """
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.metrics.definitions import LOAD_BUCKETS_S
+from service.metrics.definitions import LATENCY_BUCKETS_S, LOAD_BUCKETS_S
 from service.registry_events import (
     CurrentChanged,
     NameRefused,
@@ -60,6 +62,24 @@ class LifecycleMetrics:
             "startup self-test) or 'aio'.",
             ["frontend"], registry=r, multiprocess_mode="livemax",
         )
+
+        self.image_decode_duration = Histogram(
+            "mnist_image_decode_duration_seconds",
+            "Time to decode and preprocess one request's encoded images (waiting for a "
+            "decoder process included), by result (ok, failed).",
+            ["result"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.image_decode_failures = Counter(
+            "mnist_image_decode_failures",
+            "Requests refused for an encoded image, by image format (the allow-list or "
+            "'unknown') and reason (mnist_imaging.decode.REASONS).",
+            ["format", "reason"], registry=r,
+        )
+
+    def image_decoded(self, seconds: float, failure: tuple[str, str] | None) -> None:
+        self.image_decode_duration.labels("ok" if failure is None else "failed").observe(seconds)
+        if failure is not None:
+            self.image_decode_failures.labels(*failure).inc()
 
     def frontend_serves(self, frontend: str) -> None:
         self.frontend.labels(frontend).set(1)

@@ -158,6 +158,12 @@ class Metrics:
         if self._writer is not None:
             self._writer.stop()
 
+    def image_decoded(self, seconds: float, failure: tuple[str, str] | None = None) -> None:
+        """One request's images decoded, or refused for (format, reason); both from the fixed
+        sets of mnist_imaging.decode, never a caller's string."""
+        if self.enabled:
+            self.lifecycle.image_decoded(seconds, failure)
+
     def set_frontend(self, frontend: str) -> None:
         if self.enabled:
             self.lifecycle.frontend_serves(frontend)

@@ -32,7 +32,7 @@ VERSION_STATE_UNLOADED: VersionState
 VERSION_STATE_REJECTED: VersionState
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id", "packed_output", "routing_key")
+    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id", "packed_output", "images", "routing_key")
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class ClassifyRequest(_message.Message):
     VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PACKED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     pixels: bytes
     encoding: Encoding
@@ -50,8 +51,9 @@ class ClassifyRequest(_message.Message):
     version_label: str
     request_id: str
     packed_output: bool
+    images: _containers.RepeatedScalarFieldContainer[bytes]
     routing_key: str
-    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_output: _Optional[bool] = ..., routing_key: _Optional[str] = ...) -> None: ...
+    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_output: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ..., routing_key: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "probabilities")
