@@ -28,9 +28,11 @@ import numpy as np
 
 from mnist_imaging.decode import REASONS, ImageLimits
 from mnist_imaging.preprocess import FIELD, Uint8Array
-from mnist_imaging.worker import FAILED, OK
+from mnist_imaging.worker import FAILED, OK, READY
 
 PIXELS = FIELD * FIELD
+# A decoder process's start-up (interpreter, NumPy, Pillow) on a host under heavy load.
+STARTUP_TIMEOUT_S = 30.0
 _ROOT = str(Path(__file__).resolve().parents[1])  # where `mnist_imaging` is importable from
 
 
@@ -52,6 +54,7 @@ class _Worker:
         self._limits = limits
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._ready = False
         self.restarts = 0
 
     def start(self) -> None:
@@ -68,6 +71,7 @@ class _Worker:
         )
         theirs.close()
         self._conn = Connection(ours.detach())
+        self._ready = False
 
     def stop(self) -> None:
         if self._conn is not None:
@@ -93,12 +97,24 @@ class _Worker:
         self.restarts += 1
         self.start()
 
+    def _await_ready(self) -> None:
+        """Wait for a fresh process's imports (seconds on a loaded host), so a request's time
+        limit measures its decoding, never an interpreter starting; bounded all the same."""
+        assert self._conn is not None
+        if self._ready:
+            return
+        if not self._conn.poll(STARTUP_TIMEOUT_S) or self._conn.recv_bytes(16) != READY:
+            self._replace()
+            raise DecodeFailed("crashed", "the image decoder did not start")
+        self._ready = True
+
     def run(self, blobs: Sequence[bytes], timeout_s: float) -> Uint8Array:
         if self._proc is None or self._proc.poll() is not None or self._conn is None:
             self._replace()
         assert self._conn is not None
         n = len(blobs)
         try:
+            self._await_ready()
             self._conn.send_bytes(struct.pack("<I", n))
             for blob in blobs:
                 self._conn.send_bytes(blob)

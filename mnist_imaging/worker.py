@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from mnist_imaging.decode import ImageError, ImageLimits, to_mnist_counted
 
 OK, FAILED = b"\x00", b"\x01"
+READY = b"ready"  # sent once the imports are done: a job's time limit starts after it
 
 
 def _refusal(index: int, reason: str, image_format: str, message: str) -> bytes:
@@ -71,7 +72,9 @@ def main(argv: list[str]) -> int:
     from mnist_imaging.decode import _pillow
 
     _pillow()  # the plugins imported now, not within the first request's time limit
-    serve(Connection(fd), ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels,
+    conn = Connection(fd)
+    conn.send_bytes(READY)
+    serve(conn, ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels,
                                       max_request_pixels=max_request_pixels))
     return 0
 

@@ -2,8 +2,8 @@
 encoded-image decoding (each decode costs ~1 ms in a decoder process, so one ordinary
 `observe` per request is noise beside it).
 
-The lifecycle ones change a few times a day, so they stay ordinary prometheus_client metrics (public API),
-which work in multiprocess mode as they are (memory-mapped files, `livemax` gauges).
+The lifecycle ones change a few times a day, so they stay ordinary prometheus_client metrics
+(public API), which work in multiprocess mode as they are (memory-mapped files, `livemax` gauges).
 `RegistryMetrics` is the registry's event subscriber that feeds them through `Metrics`.
 """
 
