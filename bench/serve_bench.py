@@ -5,7 +5,7 @@
 Servers (each a subprocess pinned to CPU 0 with taskset; the load generator is pinned to CPU 1):
   bare-aio       grpc.aio server, same method path, no work: returns a prebuilt reply
   bare-threaded  threaded grpc.server, same
-  bare-core      service.transport.CoreServer, same, as a fast method answered at once: the
+  bare-core      service.frontends.core.CoreServer, same, as a fast method answered at once: the
                  floor of the front end `ours` is built on (for information; the issue's
                  target is against the faster of bare-aio and bare-threaded)
   nobatch        our server with --no-batching (each request its own forward)
@@ -72,7 +72,7 @@ def run_bare(kind: str, port: int) -> None:
     cache: dict[int, bytes] = {}
     options = [*BIG_MESSAGES, ("grpc.so_reuseport", 0)]
     if kind == "core":
-        from service.transport import CoreServer, FastCall
+        from service.frontends.core import CoreServer, FastCall
 
         def answer(call: FastCall, raw: bytes) -> None:
             call.reply(_bare_reply(raw, cache))
