@@ -10,10 +10,10 @@ from service.dataplane.classify import ClassifyJob, ClassifyPipeline
 from service.dataplane.infer import InferJob, InferPipeline, InferRequest, grpc_encoder
 from service.dataplane.job import Job, Pipeline, Responder
 from service.dataplane.plane import DataPlane, FastGate, FastHandler, FastMethod
-from service.dataplane.scope import RequestScope
+from service.dataplane.scope import RequestMetrics, RequestScope
 
 __all__ = [
     "ClassifyJob", "ClassifyPipeline", "DataPlane", "FastGate", "FastHandler", "FastMethod",
-    "InferJob", "InferPipeline", "InferRequest", "Job", "Pipeline", "RequestScope", "Responder",
-    "grpc_encoder",
+    "InferJob", "InferPipeline", "InferRequest", "Job", "Pipeline", "RequestMetrics",
+    "RequestScope", "Responder", "grpc_encoder",
 ]

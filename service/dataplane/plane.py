@@ -18,9 +18,8 @@ import grpc
 
 from service.batcher import Batcher, Prediction
 from service.dataplane.job import Job, Pipeline, Responder
-from service.dataplane.scope import RequestScope
+from service.dataplane.scope import RequestMetrics, RequestScope
 from service.errors import ServiceError
-from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,12 @@ class FastMethod(NamedTuple):
 class DataPlane:
     """Runs pipelines against the batcher for every front end; see the module docstring."""
 
-    def __init__(self, batcher: Batcher, metrics: Metrics) -> None:
+    def __init__(self, batcher: Batcher, metrics: RequestMetrics) -> None:
         self._batcher = batcher
         self._metrics = metrics
 
     @property
-    def metrics(self) -> Metrics:
+    def metrics(self) -> RequestMetrics:
         return self._metrics
 
     async def call(self, pipeline: Pipeline, raw: bytes, deadline_s: float | None, *,
@@ -81,7 +80,7 @@ class DataPlane:
 class _FastLane:
     __slots__ = ("_batcher", "_method", "_metrics", "_pipeline")
 
-    def __init__(self, batcher: Batcher, metrics: Metrics, pipeline: Pipeline) -> None:
+    def __init__(self, batcher: Batcher, metrics: RequestMetrics, pipeline: Pipeline) -> None:
         self._batcher = batcher
         self._metrics = metrics
         self._pipeline = pipeline
@@ -119,7 +118,7 @@ class _FastReply(RequestScope):
 
     __slots__ = ("job", "responder")
 
-    def __init__(self, metrics: Metrics, method: str, responder: Responder) -> None:
+    def __init__(self, metrics: RequestMetrics, method: str, responder: Responder) -> None:
         super().__init__(metrics, method)
         self.responder = responder
         self.job: Job | None = None

@@ -10,12 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import grpc
 
 from service.errors import status_of
-from service.metrics import Metrics
 from service.registry import ServableVersion
+
+
+class _Count(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+    def dec(self, amount: float = 1) -> None: ...
+
+
+class RequestMetrics(Protocol):
+    """What a scope needs of `service.metrics.Metrics` (and what a test double provides)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def inflight(self) -> _Count: ...
+
+    def request_done(self, method: str, model: str, version: str, code: str, images: int,
+                     duration_s: float) -> None: ...
 
 
 class RequestScope:
@@ -28,7 +47,7 @@ class RequestScope:
     __slots__ = ("_inflight", "_metrics", "_open", "images", "method", "model", "started",
                  "version")
 
-    def __init__(self, metrics: Metrics, method: str, *, inflight: bool = True,
+    def __init__(self, metrics: RequestMetrics, method: str, *, inflight: bool = True,
                  waited_s: float = 0.0) -> None:
         """`inflight`: count the request in `Metrics.inflight` until it finishes (the unary
         inference lanes do; stream messages, metadata RPCs and door refusals do not).
