@@ -1,6 +1,6 @@
 """Load shedding: admission before decode, a byte cap whatever the callers, compute not starved.
 
-The fast path (servicer.classify_now / oip infer_now, as gRPC core's polling thread calls them)
+The fast lanes (the servicers' `fast_methods()`, as gRPC core's polling thread calls them)
 is driven directly with a recording call, and its batches computed with `run_queued` only when
 the test says so: what is queued and held is then exact, without timing. The asyncio path
 runs on a real grpc.aio server whose forward blocks until released. CoreServer's turns and

@@ -423,7 +423,7 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
 
 
 def test_core_front_end_is_available_on_the_pinned_grpcio() -> None:
-    """transport.py uses grpcio's private layer; if a grpcio upgrade drops what it needs, the
+    """frontends/core.py uses grpcio's private layer; if a grpcio upgrade drops what it needs, the
     server silently falls back to grpc.aio at ~0.6 of the rate, so say so here."""
     from service.frontends import core as transport
 
