@@ -44,10 +44,6 @@ class DataPlane:
         self._batcher = batcher
         self._metrics = metrics
 
-    @property
-    def metrics(self) -> RequestMetrics:
-        return self._metrics
-
     async def call(self, pipeline: Pipeline, raw: bytes, deadline_s: float | None, *,
                    method: str = "", inflight: bool = True) -> bytes:
         """One request end to end on the event loop: the reply's bytes, or the exception

@@ -85,7 +85,3 @@ class RequestScope:
             code, details = status_of(error)
         self.finish(code)
         return code, details
-
-    @property
-    def open(self) -> bool:
-        return self._open
