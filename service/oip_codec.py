@@ -15,7 +15,7 @@ The model, as ModelMetadata describes it:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -186,27 +186,43 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     return tuple(names)
 
 
+class OutputTensor(NamedTuple):
+    """One output as any wire encodes it: v2 name, datatype, shape and values."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    values: npt.NDArray[Any]
+
+
+def output_tensors(names: Sequence[str], probabilities: Array) -> list[OutputTensor]:
+    """The outputs asked for (`requested_outputs`), in that order: the one definition of what
+    each output is, shared by the gRPC encoder below and any other wire's (HTTP JSON)."""
+    n = probabilities.shape[0]
+    out: list[OutputTensor] = []
+    for name in names:
+        if name == PROBABILITIES:
+            out.append(OutputTensor(name, "FP32", (n, NUM_CLASSES), probabilities))
+        else:
+            out.append(OutputTensor(name, "INT64", (n,), probabilities.argmax(axis=1)))
+    return out
+
+
 def encode_outputs(
     reply: pb.ModelInferResponse, names: Sequence[str], probabilities: Array, raw: bool
 ) -> None:
-    n = probabilities.shape[0]
-    for name in names:
-        tensor = reply.outputs.add(name=name)
-        if name == PROBABILITIES:
-            tensor.datatype = "FP32"
-            tensor.shape.extend((n, NUM_CLASSES))
+    for output in output_tensors(names, probabilities):
+        tensor = reply.outputs.add(name=output.name, datatype=output.datatype)
+        tensor.shape.extend(output.shape)
+        if output.datatype == "FP32":
             if raw:
-                reply.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
+                reply.raw_output_contents.append(output.values.astype("<f4", copy=False).tobytes())
             else:
-                tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
+                tensor.contents.fp32_contents.extend(output.values.ravel().tolist())
+        elif raw:
+            reply.raw_output_contents.append(np.asarray(output.values, "<i8").tobytes())
         else:
-            classes = probabilities.argmax(axis=1)
-            tensor.datatype = "INT64"
-            tensor.shape.append(n)
-            if raw:
-                reply.raw_output_contents.append(np.asarray(classes, "<i8").tobytes())
-            else:
-                tensor.contents.int64_contents.extend(classes.tolist())
+            tensor.contents.int64_contents.extend(output.values.tolist())
 
 
 def model_metadata(sv: ServableVersion, loaded: Sequence[int]) -> pb.ModelMetadataResponse:
