@@ -73,7 +73,10 @@ def main(argv: list[str]) -> int:
 
     _pillow()  # the plugins imported now, not within the first request's time limit
     conn = Connection(fd)
-    conn.send_bytes(READY)
+    try:
+        conn.send_bytes(READY)
+    except OSError:  # the server is gone already (it exited while we started)
+        return 0
     serve(conn, ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels,
                                       max_request_pixels=max_request_pixels))
     return 0
