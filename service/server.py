@@ -62,6 +62,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics_port: int | None = None
     admin: admin.AdminEndpoint | None = None
+    http: Any = None  # service.http_frontend.HttpFrontend when --http-port is set
     frontend: str = "aio"  # what serves: "core" or "aio" (after the self-test's verdict)
     _stopping: bool = False
     _closers: list[Any] = field(default_factory=list)
@@ -73,7 +74,10 @@ class RunningServer:
         self._stopping = True
         log.info("event=stopping grace_s=%s", grace_s)
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace_s)
+        if self.http is not None:  # HTTP drains alongside gRPC: both end within grace_s
+            await asyncio.gather(self.http.stop(grace_s), self.grpc_server.stop(grace_s))
+        else:
+            await self.grpc_server.stop(grace_s)
         if self.admin is not None:
             await self.admin.stop(grace_s)
         await self.batcher.close()
@@ -221,7 +225,7 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     )
     if admin_endpoint is not None and admin_endpoint.server is None:
         services.append(admin.SERVICE_NAME)
-    oip.add_to_server(
+    v2 = oip.add_to_server(
         server, registry=registry, batcher=batcher, metrics=metrics, settings=settings
     )
     services.append(oip.SERVICE_NAME)
@@ -239,11 +243,18 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     await server.start()
     if admin_endpoint is not None:
         await admin_endpoint.start()
+    http = None
+    if settings.http_port:  # the KServe v2 REST front end, on the same loop and batcher
+        from service import http_frontend
+
+        http = await http_frontend.start(
+            settings, registry=registry, batcher=batcher, metrics=metrics, servicer=v2
+        )
     log.info("event=listening address=%s port=%d tls=%s frontend=%s batching=%s models=%s "
              "pid=%d", settings.host, port, creds is not None, frontend, settings.batching,
              [s.name for s in registry.status()], os.getpid())
     running = RunningServer(server, port, registry, batcher, metrics, health_servicer,
-                            metrics_port, admin_endpoint, frontend, _closers=closers)
+                            metrics_port, admin_endpoint, http, frontend, _closers=closers)
 
     original_stop = running.stop
 
