@@ -169,7 +169,7 @@ def main() -> None:
         finally:
             stop(ours)
             stop(theirs)
-    print(f"forward pass alone (CPU µs, CPU 0): "
+    print("forward pass alone (CPU µs, CPU 0): "
           + ", ".join(f"{n} images {us:.0f}" for n, us in forward.items()))
     print("\n| server | images | c | req/s median (range) | p50 ms | server CPU µs/req | "
           "beyond forward µs/req |")

@@ -26,12 +26,14 @@ class NpzMLP(MLModel):
     async def load(self) -> bool:
         z = np.load(self.settings.parameters.uri)
         meta = json.loads(z["metadata"].tobytes())
-        assert set(meta["activations"]) == {"relu"} and meta["output"] == "softmax", meta
+        if set(meta["activations"]) != {"relu"} or meta["output"] != "softmax":
+            raise ValueError(f"expected ReLU layers and a softmax output, got {meta}")
         n = len(meta["activations"]) + 1
         self._w = [z[f"W{i}"] for i in range(n)]
         self._b = [z[f"b{i}"] for i in range(n)]
         got = forward(z["probe_inputs"], self._w, self._b)
-        assert np.allclose(got, z["probe_outputs"], atol=1e-5), "not the model's own forward"
+        if not np.allclose(got, z["probe_outputs"], atol=1e-5):
+            raise ValueError("this forward does not reproduce the model's probe outputs")
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
