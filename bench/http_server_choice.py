@@ -40,7 +40,7 @@ PATH = "/v2/models/mnist/infer"
 class _FixedApi:
     """A RestApi whose infer answers a fixed reply: the server's cost, not the model's."""
 
-    def admit(self, body_bytes: int) -> None:
+    def admit(self, body_bytes: int, binary: bool) -> None:
         pass
 
     async def infer(self, model: str, version: str, body: bytes, header: str | None) -> Any:

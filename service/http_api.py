@@ -21,12 +21,21 @@ import grpc
 
 from service import http_codec, oip
 from service import oip_codec as tensors
-from service.batcher import Batcher
+from service.batcher import CHARGE_PER_WIRE_BYTE, Batcher
 from service.errors import NotFound, ServiceError, Unavailable, status_of
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 
 METHOD = "REST ModelInfer"  # the metrics' method label: one fixed value, beside "ModelInfer"
+
+
+def wire_equivalent(body_bytes: int, binary: bool) -> int:
+    """A REST body's size in the batcher's wire bytes, which it charges CHARGE_PER_WIRE_BYTE
+    each (sized for protobuf, where float32 rows come from raw bytes). A REST request holds
+    its body and its float32 rows until answered: at most 5x the body with binary UINT8
+    pixels (1 byte each -> 4), 3x with JSON (every value takes 2 characters or more)."""
+    most = body_bytes * (5 if binary else 3)
+    return -(-most // CHARGE_PER_WIRE_BYTE)
 
 
 class Unimplemented(ServiceError):
@@ -53,8 +62,9 @@ class RestApi(Protocol):
 
     def repository_index(self, body: bytes) -> list[dict[str, Any]]: ...
 
-    def admit(self, body_bytes: int) -> None:
-        """Refuse (Overloaded) a request of `body_bytes` before its body is read."""
+    def admit(self, body_bytes: int, binary: bool) -> None:
+        """Refuse (Overloaded) a request of `body_bytes` before its body is read; `binary`
+        when it carries binary tensors (an Inference-Header-Content-Length header)."""
 
     async def infer(
         self, model: str, version: str, body: bytes, header_length: str | None
@@ -133,8 +143,8 @@ class OipRestApi:
 
     # --- inference
 
-    def admit(self, body_bytes: int) -> None:
-        self._batcher.admit_wire(body_bytes)
+    def admit(self, body_bytes: int, binary: bool) -> None:
+        self._batcher.admit_wire(wire_equivalent(body_bytes, binary))
 
     async def infer(
         self, model: str, version: str, body: bytes, header_length: str | None
@@ -148,7 +158,8 @@ class OipRestApi:
         code = grpc.StatusCode.OK
         answered_model = answered_version = ""
         try:
-            self._batcher.admit_wire(len(body))  # again: the queue may have filled meanwhile
+            wire = wire_equivalent(len(body), header_length is not None)
+            self._batcher.admit_wire(wire)  # again: the queue may have filled meanwhile
             number, label = tensors.parse_version(version)
             sv = self._registry.resolve(model, number, label)  # fail fast: nothing unknown queues
             if not label:
@@ -156,7 +167,7 @@ class OipRestApi:
             request = http_codec.parse_infer(body, header_length, self._max_images)
             images = int(request.x.shape[0])
             prediction = await self._batcher.submit(
-                request.x, model=model, version=number, label=label, wire_bytes=len(body)
+                request.x, model=model, version=number, label=label, wire_bytes=wire
             )
             answered = prediction.version
             answered_model, answered_version = answered.name, str(answered.version)

@@ -271,7 +271,7 @@ class _Connection(asyncio.Protocol):
                                 close=True)
             if self._url.split(b"?", 1)[0].endswith(b"/infer"):
                 try:  # refuse before reading the body, at the cost of the headers only
-                    self._api.admit(length)
+                    self._api.admit(length, http_codec.HEADER_LENGTH in headers)
                 except ServiceError as e:
                     code, details = status_of(e)
                     raise HttpError(HTTP_STATUS.get(code, 500), details, close=True) from None
