@@ -73,12 +73,14 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: flo
 
 def start_ours(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port, http_port = free_port(), free_port()
-    # 64 requests of 256 JSON images hold ~100 MB: more than the default --max-queue-bytes
-    # admits at once (the rest would get 429); MLServer has no such bound, so for the same
-    # load ours gets room for all of them.
+    # 64 requests of 256 JSON images are 16384 images holding ~140 MB: more than the default
+    # --max-queue-rows/--max-queue-bytes admit at once (the rest would get 429 at once, as on
+    # the grpc.aio front end); MLServer queues without bound, so for the same load ours gets
+    # room for all of them.
     cmd = common.service_command(ROOT / "models", port, metrics_port=free_port(),
                                  http_port=http_port,
-                                 extra=["--max-queue-bytes", str(256 << 20)])
+                                 extra=["--max-queue-bytes", str(512 << 20),
+                                        "--max-queue-rows", str(1 << 16)])
     log = tmp / "ours.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([*pin(0), *cmd], cwd=ROOT, env=env_without("MNIST_"),
