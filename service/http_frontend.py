@@ -469,8 +469,12 @@ async def start(
     api = OipRestApi(registry=registry, batcher=batcher, metrics=metrics, servicer=servicer,
                      max_images=settings.max_images_per_request)
     frontend = HttpFrontend(api, limits_of(settings))
-    port = await frontend.start(settings.host, settings.http_port,
-                                reuse_port=settings.workers > 1)
+    try:
+        port = await frontend.start(settings.host, settings.http_port,
+                                    reuse_port=settings.workers > 1)
+    except OSError as e:  # no errno: service/__main__.py then names the busy port
+        raise OSError(f"cannot listen on --http-port {settings.host}:{settings.http_port}: "
+                      f"{e.strerror or e}") from None
     log.info("event=http_listening address=%s port=%d", settings.host, port)
     return frontend
 

@@ -233,6 +233,13 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     services.append(reflection.SERVICE_NAME)
     enable_reflection(services, server)
     await batcher.start()
+    http = None
+    if settings.http_port:  # the KServe v2 REST front end, on the same loop and batcher
+        from service import http_frontend
+
+        http = await http_frontend.start(
+            settings, registry=registry, batcher=batcher, metrics=metrics, servicer=v2
+        )
 
     address = f"{settings.host}:{settings.port}"
     creds = _credentials(settings)
@@ -243,13 +250,6 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     await server.start()
     if admin_endpoint is not None:
         await admin_endpoint.start()
-    http = None
-    if settings.http_port:  # the KServe v2 REST front end, on the same loop and batcher
-        from service import http_frontend
-
-        http = await http_frontend.start(
-            settings, registry=registry, batcher=batcher, metrics=metrics, servicer=v2
-        )
     log.info("event=listening address=%s port=%d tls=%s frontend=%s batching=%s models=%s "
              "pid=%d", settings.host, port, creds is not None, frontend, settings.batching,
              [s.name for s in registry.status()], os.getpid())

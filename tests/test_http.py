@@ -419,3 +419,22 @@ def test_stop_closes_the_http_port(repo: Path, start: Callable[..., ServerThread
     server.call(server.running.stop(1.0))
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_busy_http_port_is_one_clear_line(model_repo: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "MNIST_HTTP_PORT": str(port)}
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "--model-dir", str(model_repo), "--host",
+             "127.0.0.1", "--port", "0", "--no-metrics-enabled"],
+            env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"--http-port 127.0.0.1:{port} already in use" in done.stderr
+    assert "Traceback" not in done.stderr
