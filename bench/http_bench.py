@@ -115,21 +115,25 @@ def start_mlserver(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def forward_cpu_us(images: int, seconds: float = 1.0) -> float:
     """CPU µs of one Model.predict on `images` images, on CPU 0 like the servers."""
+    from threadpoolctl import threadpool_limits
+
     from service.model import load_model, pixels_to_input
 
     model = load_model(ROOT / "models" / "mnist" / "1")
     x = pixels_to_input(random_pixels(images))
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
-    try:
+    # One BLAS thread, as in the servers (pinned to one CPU before NumPy loaded): this
+    # process loaded it with two, which would spin against each other on CPU 0.
+    with threadpool_limits(1):
         model.predict(x)
         n, start = 0, time.process_time()
         while time.process_time() - start < seconds:
             model.predict(x)
             n += 1
-        return (time.process_time() - start) / n * 1e6
-    finally:
-        os.sched_setaffinity(0, before)
+        cpu_us = (time.process_time() - start) / n * 1e6
+    os.sched_setaffinity(0, before)
+    return cpu_us
 
 
 def measure(proc: subprocess.Popen[bytes], url: str, body: bytes, images: int, c: int,
