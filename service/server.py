@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import admin, oip, selftest
+from service import admin, http_frontend, oip, selftest
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
@@ -62,7 +62,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics_port: int | None = None
     admin: admin.AdminEndpoint | None = None
-    http: Any = None  # service.http_frontend.HttpFrontend when --http-port is set
+    http: http_frontend.HttpFrontend | None = None  # the REST front end, if --http-port
     frontend: str = "aio"  # what serves: "core" or "aio" (after the self-test's verdict)
     _stopping: bool = False
     _closers: list[Any] = field(default_factory=list)
@@ -235,8 +235,6 @@ async def start_server(settings: Settings, *, metrics: Metrics | None = None) ->
     await batcher.start()
     http = None
     if settings.http_port:  # the KServe v2 REST front end, on the same loop and batcher
-        from service import http_frontend
-
         http = await http_frontend.start(
             settings, registry=registry, batcher=batcher, metrics=metrics, servicer=v2
         )
