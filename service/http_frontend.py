@@ -1,9 +1,9 @@
 """The HTTP/REST front end (KServe v2 REST): an asyncio server on the gRPC server's loop.
 
 An adapter, nothing more: it reads HTTP/1.1 requests off sockets (httptools, the llhttp
-parser uvicorn uses; docs/oip.md says why this and not aiohttp), routes them to the
-`RestApi` (service/http_api.py), and writes replies, mapping each `ServiceError`'s gRPC code
-to the HTTP status in one table (`HTTP_STATUS`). It runs on the same event loop as grpc.aio
+parser uvicorn uses; docs/oip.md says why this and not aiohttp), hands them to the routes
+(service/http_routes.py: path -> `RestApi` call -> reply, and the one gRPC code -> HTTP
+status table), and writes the replies. It runs on the same event loop as grpc.aio
 and submits to the same Batcher, so a REST request and a gRPC one can share a forward pass.
 
 Everything a caller controls is bounded here, before the service sees it:
@@ -27,12 +27,8 @@ import contextlib
 import functools
 import logging
 from collections import deque
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import unquote
 
-import grpc
 import httptools
 
 from service import http_codec, oip
@@ -40,37 +36,12 @@ from service.batcher import Batcher
 from service.config import Settings
 from service.errors import ServiceError, status_of
 from service.http_api import OipRestApi, RestApi
+from service.http_routes import HTTP_STATUS, HttpError, Request, error_reply, error_response, route
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-# gRPC code -> HTTP status, after google.rpc.Code's mapping (KServe's REST protocol names
-# 400/404/500 only; Triton's HTTP server uses 400, 404, 500, 501 and 503 the same way).
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,  # queue full: retry later (with backoff)
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,  # no model yet, shutting down: try another replica
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-_REASONS = {
-    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests",
-    431: "Request Header Fields Too Large", 499: "Client Closed Request",
-    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -82,40 +53,6 @@ class HttpLimits:
     max_reading_bytes: int = 64 << 20
     read_timeout_s: float = 30.0
     idle_timeout_s: float = 60.0
-
-
-class HttpError(Exception):
-    """An HTTP-level refusal (framing, limits, routing): status, message, close after?"""
-
-    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.close = close
-
-
-@dataclass(slots=True)
-class _Request:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    keep_alive: bool
-
-
-def _response(status: int, body: bytes, content_type: str, *, close: bool,
-              extra: str = "") -> bytes:
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}"
-            f"{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n")
-    return head.encode("latin-1") + body
-
-
-def _json(status: int, doc: Any, *, close: bool = False) -> bytes:
-    return _response(status, http_codec.dumps(doc), http_codec.JSON_TYPE, close=close)
-
-
-def error_response(status: int, message: str, *, close: bool = False) -> bytes:
-    return _response(status, http_codec.error_body(message), http_codec.JSON_TYPE, close=close)
 
 
 class HttpFrontend:
@@ -174,7 +111,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._timer: asyncio.TimerHandle | None = None
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Request] = deque()
         self.busy = False  # a request is being served (its reply not yet written)
         self._closed = False
         self._reset()
@@ -292,7 +229,7 @@ class _Connection(asyncio.Protocol):
             path = httptools.parse_url(self._url).path.decode("latin-1")
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             raise HttpError(400, "malformed request target", close=True) from None
-        self._queue.append(_Request(method, path, self._headers, b"".join(self._body),
+        self._queue.append(Request(method, path, self._headers, b"".join(self._body),
                                     self._parser.should_keep_alive()))
         if self._transport is not None:
             self._transport.pause_reading()  # one request at a time: the rest waits unread
@@ -302,7 +239,7 @@ class _Connection(asyncio.Protocol):
     def _serve_queued(self) -> None:
         while self._queue and not self.busy and not self._closed:
             request = self._queue.popleft()
-            infer = _route(self._api, request)
+            infer = route(self._api, request)
             if isinstance(infer, bytes):
                 self._reply(request, infer)
                 continue
@@ -316,18 +253,18 @@ class _Connection(asyncio.Protocol):
             if not self._reading:
                 self._arm(self._limits.idle_timeout_s)
 
-    def _served(self, request: _Request, task: asyncio.Task[bytes]) -> None:
+    def _served(self, request: Request, task: asyncio.Task[bytes]) -> None:
         self.busy = False
         self._frontend.served.set()
         if task.cancelled():
             self._close()
             return
         error = task.exception()
-        reply = task.result() if error is None else _error_reply(error)
+        reply = task.result() if error is None else error_reply(error)
         self._reply(request, reply)
         self._serve_queued()
 
-    def _reply(self, request: _Request, reply: bytes) -> None:
+    def _reply(self, request: Request, reply: bytes) -> None:
         if self._closed or self._transport is None:
             return
         close = not request.keep_alive or self._frontend.stopping
@@ -383,78 +320,6 @@ class _Connection(asyncio.Protocol):
             self._disarm()
             self._transport.close()
         self._closed = True
-
-
-def _error_reply(error: BaseException) -> bytes:
-    if isinstance(error, HttpError):
-        return error_response(error.status, str(error), close=error.close)
-    if not isinstance(error, ServiceError):
-        log.error("REST request failed", exc_info=error)
-    code, details = status_of(error)
-    return error_response(HTTP_STATUS.get(code, 500), details)
-
-
-# --- routes ---------------------------------------------------------------------------------
-
-
-def _need(request: _Request, *methods: str) -> None:
-    method = "GET" if request.method == "HEAD" else request.method
-    if method not in methods:
-        raise HttpError(405, f"{request.method} {request.path[:128]}: expected "
-                        f"{' or '.join(methods)}")
-
-
-def _route(api: RestApi, request: _Request) -> bytes | Coroutine[Any, Any, bytes]:
-    """The reply for a request, or for infer the coroutine that makes it."""
-    parts = [unquote(s) for s in request.path.split("/")[1:]]
-    if len(parts) > 1 and parts[-1] == "":
-        parts.pop()  # a trailing slash
-    try:
-        if parts == ["v2", "health", "live"]:
-            _need(request, "GET")
-            return _json(200, {"live": True})
-        if parts == ["v2", "health", "ready"]:
-            _need(request, "GET")
-            ready = api.ready()
-            return _json(200 if ready else 503, {"ready": ready})
-        if parts == ["v2"]:
-            _need(request, "GET")
-            return _json(200, api.server_metadata())
-        if parts == ["v2", "repository", "index"]:
-            _need(request, "POST")
-            return _json(200, api.repository_index(request.body))
-        if parts == ["v2", "models", "stats"]:
-            _need(request, "GET")
-            return _json(200, api.model_statistics("", ""))
-        if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
-            model, rest, version = parts[2], parts[3:], ""
-            if len(rest) >= 2 and rest[0] == "versions":
-                version, rest = rest[1], rest[2:]
-            if rest == ["infer"]:
-                _need(request, "POST")
-                return _infer(api, model, version, request)
-            _need(request, "GET")
-            if not rest:
-                return _json(200, api.model_metadata(model, version))
-            if rest == ["ready"]:
-                ready = api.model_ready(model, version)
-                return _json(200 if ready else 503, {"name": model, "ready": ready})
-            if rest == ["config"]:
-                return _json(200, api.model_config(model, version))
-            if rest == ["stats"]:
-                return _json(200, api.model_statistics(model, version))
-        raise HttpError(404, f"no route {request.method} {request.path[:128]!r}: see "
-                        "docs/oip.md for the KServe v2 REST routes served")
-    except (HttpError, ServiceError) as e:
-        return _error_reply(e)
-
-
-async def _infer(api: RestApi, model: str, version: str, request: _Request) -> bytes:
-    reply = await api.infer(model, version, request.body,
-                            request.headers.get(http_codec.HEADER_LENGTH))
-    extra = ("" if reply.json_bytes is None
-             else f"Inference-Header-Content-Length: {reply.json_bytes}\r\n")
-    return _response(200, reply.body, reply.content_type, close=False, extra=extra)
 
 
 async def start(
