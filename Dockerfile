@@ -48,7 +48,7 @@ RUN chown 10001:10001 /data
 VOLUME ["/models"]
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
-EXPOSE 50051 9100
+EXPOSE 50051 8000 9100
 # The gRPC health service, not a TCP probe: NOT_SERVING until a model is loaded and while
 # draining after SIGTERM.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \

@@ -131,7 +131,9 @@ def start(kind: str, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen[b
     if kind.startswith("bare-"):
         cmd = [sys.executable, __file__, "--bare", kind.removeprefix("bare-"), "--port", str(port)]
     else:
-        cmd = service_command(model_dir, port, metrics_port=free_port(), extra=EXTRA)
+        # ours-http: ours with the REST port open and idle (`--servers ours,ours-http`).
+        cmd = service_command(model_dir, port, metrics_port=free_port(), extra=EXTRA,
+                              http_port=free_port() if kind == "ours-http" else 0)
         if kind == "nobatch":
             cmd.append("--no-batching")
         if kind == "baseline":
@@ -230,6 +232,12 @@ def main() -> int:
                   f"{m['cpu_us']:.0f} |")
     if {"baseline", "ours"} <= set(servers):
         print_ab(med, results)
+    if {"ours", "ours-http"} <= set(servers):
+        print("\n| with the HTTP port open and idle / without | value | target |\n|---|---:|---|")
+        for images, conc in SHAPES:
+            o, h = med[("ours", images, conc)], med[("ours-http", images, conc)]
+            print(f"| {images} img c{conc} req/s | {h['rps'] / o['rps']:.3f} | >= 0.97 |")
+            print(f"| {images} img c{conc} p50 | {h['p50_ms'] / o['p50_ms']:.3f} | <= 1.03 |")
     if {"bare-aio", "bare-threaded", "ours", "nobatch"} <= set(servers):
         def g(kind: str, images: int, conc: int, metric: str) -> float:
             return med[(kind, images, conc)][metric]

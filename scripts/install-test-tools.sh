@@ -98,7 +98,8 @@ install_nginx() {
   "$BIN/nginx" -v 2>/dev/null
 }
 
-# tritonclient: the unmodified Triton gRPC client drives the v2 endpoint (tests/test_oip_triton.py).
+# tritonclient: the unmodified Triton gRPC and HTTP clients drive the v2 endpoints
+# (tests/test_oip_triton.py, tests/test_http_triton.py).
 # It pins protobuf < 7 and the project uses 7, so it gets a venv of its own.
 # Its whole dependency set is locked (requirements/triton-client.lock, by scripts/lock.py).
 TRITON_LOCK=requirements/triton-client.lock
@@ -112,7 +113,7 @@ install_triton_client() {
   "${PYTHON:-python3}" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
     -r "$TRITON_LOCK" </dev/null
-  "$venv/bin/python" -c "import tritonclient.grpc"
+  "$venv/bin/python" -c "import tritonclient.grpc, tritonclient.http"
   touch "$venv/.installed"
 }
 

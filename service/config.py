@@ -54,6 +54,21 @@ class Settings:
     tls_client_ca: Path | None = _opt(
         None, "PEM CA bundle; when set, clients must present a certificate it signed"
     )
+    # --- HTTP/REST (KServe v2 REST, service/http_frontend.py), on --host
+    http_port: int = _opt(8000, "KServe v2 REST port, beside gRPC (0: no HTTP front end)")
+    http_max_connections: int = _opt(
+        1024, "HTTP connections open at once at most; one more is answered 503 and closed"
+    )
+    http_max_header_bytes: int = _opt(
+        16384, "HTTP request line and headers together at most (431 past it)"
+    )
+    http_max_body_bytes: int = _opt(
+        16 << 20, "HTTP request body at most (413 past it); a body needs a Content-Length"
+    )
+    http_read_timeout_s: float = _opt(
+        30.0, "an HTTP request must arrive whole this long after its first byte (408 after)"
+    )
+    http_idle_timeout_s: float = _opt(60.0, "an idle HTTP keep-alive connection is closed after")
     # --- batching
     batching: bool = _opt(True, "coalesce concurrent requests into one forward pass")
     max_batch_rows: int = _opt(256, "most images in one forward pass")
@@ -235,19 +250,24 @@ def validate(s: Settings) -> None:
     positive = ("workers", "max_batch_rows", "max_queue_rows", "max_queue_bytes",
                 "max_images_per_request", "canary_window_images", "shadow_queue_batches",
                 "image_max_bytes", "image_max_request_bytes",
-                "image_max_pixels", "image_max_request_pixels", "image_max_waiting")
+                "image_max_pixels", "image_max_request_pixels", "image_max_waiting",
+                "http_max_connections", "http_max_header_bytes", "http_max_body_bytes")
     for name in positive:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")
             problems.append(f"{flag} must be at least 1, got {getattr(s, name)}")
     for name in ("grace_period_s", "drain_delay_s", "max_batch_wait_s", "max_door_wait_s",
                  "rescan_interval_s",
-                 "inline_forward_max_rows", "image_decode_workers", "image_decode_timeout_s"):
+                 "inline_forward_max_rows", "image_decode_workers", "image_decode_timeout_s",
+                 "http_port"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     for name in ("canary_max_error_rate", "canary_max_disagreement", "canary_max_divergence"):
         if not 0 <= getattr(s, name) <= 1:
             problems.append(f"--{name.replace('_', '-')} must be in 0..1, got {getattr(s, name)}")
+    for name in ("http_read_timeout_s", "http_idle_timeout_s"):
+        if getattr(s, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(s, name)}")
     if s.frontend not in ("core", "aio"):
         problems.append(f"--frontend must be 'core' or 'aio', got {s.frontend!r}")
     if s.fault_injection not in FAULTS:

@@ -119,6 +119,9 @@ class InferenceServicer:
         self._plane = DataPlane(batcher, metrics, images)
         self._infer = InferPipeline(registry, max_images=settings.max_images_per_request,
                                     images=images)
+        # What the REST front end shares (service/http_api.py).
+        self.plane, self.infer_pipeline = self._plane, self._infer
+        self.batching = settings.batching
         try:
             self._version = importlib_metadata.version(SERVER_NAME)
         except importlib_metadata.PackageNotFoundError:
@@ -150,6 +153,9 @@ class InferenceServicer:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        return self.server_metadata()
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS)
         )
@@ -157,8 +163,12 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        version, label = tensors.parse_version(request.version)
-        sv = self._registry.resolve(request.name, version, label)
+        return self.model_metadata(request.name, request.version)
+
+    def model_metadata(self, name: str, version_text: str) -> pb.ModelMetadataResponse:
+        """Shared with the REST endpoint (service/http_api.py)."""
+        version, label = tensors.parse_version(version_text)
+        sv = self._registry.resolve(name, version, label)
         loaded = [
             v.version
             for m in self._registry.status()
@@ -208,17 +218,22 @@ class InferenceServicer:
     ) -> pb.RepositoryIndexResponse:
         self._check_repository(request.repository_name)
         reply = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.repository_entries(request.ready):
+            reply.models.add(name=name, version=version, state=state, reason=reason)
+        return reply
+
+    def repository_entries(self, ready: bool) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) of every version on disk, or only the READY ones;
+        shared with the REST endpoint (service/http_api.py)."""
+        entries = []
         for model in self._registry.status():
             for v in model.versions:
                 state = _STATE.get(v.state, "UNAVAILABLE")
-                if request.ready and state != "READY":
+                if ready and state != "READY":
                     continue
-                reply.models.add(
-                    name=model.name, version=str(v.version), state=state,
-                    # The short reason code: the detail names server paths (the log has it).
-                    reason=v.reason,
-                )
-        return reply
+                # The short reason code: the detail names server paths (the log has it).
+                entries.append((model.name, str(v.version), state, v.reason))
+        return entries
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext

@@ -124,17 +124,8 @@ def decode_input(request: pb.ModelInferRequest, max_images: int) -> tuple[Array,
             f"{[t.name for t in request.inputs]}"
         )
     tensor = request.inputs[0]
-    if tensor.name != INPUT_NAME:
-        raise InvalidInput(f"expected an input named {INPUT_NAME!r}, got {tensor.name!r}")
-    dtype = _RAW_DTYPES.get(tensor.datatype)
-    if dtype is None:
-        raise InvalidInput(
-            f"input {INPUT_NAME!r}: expected datatype FP32 or UINT8, got {tensor.datatype!r}"
-        )
-    n = _images_in(tensor.shape, max_images)
-    count = n * INPUT_SIZE
+    n = check_input(tensor.name, tensor.datatype, tensor.shape, max_images)
     raw = len(request.raw_input_contents) > 0
-    values: npt.NDArray[Any]
     if raw:
         if len(request.raw_input_contents) != 1:
             raise InvalidInput(
@@ -147,25 +138,55 @@ def decode_input(request: pb.ModelInferRequest, max_images: int) -> tuple[Array,
                 "expected them in one"
             )
         data = request.raw_input_contents[0]
-        if len(data) != count * dtype.itemsize:
-            raise InvalidInput(
-                f"input {INPUT_NAME!r}: expected {count * dtype.itemsize} bytes for shape "
-                f"{_shape_text(tensor.shape)} {tensor.datatype}, got {len(data)}"
-            )
-        values = np.frombuffer(data, dtype=dtype)
-    else:
-        values = _typed_values(tensor)
-        if values.size != count:
-            raise InvalidInput(
-                f"input {INPUT_NAME!r}: expected {count} values for shape "
-                f"{_shape_text(tensor.shape)}, got {values.size}"
-            )
-    if tensor.datatype == "UINT8":
-        return pixels_to_input(values), raw
+        return rows_from_bytes(tensor.datatype, tensor.shape, n, data), raw
+    return rows_from_values(tensor.datatype, tensor.shape, n, _typed_values(tensor)), raw
+
+
+def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int) -> int:
+    """The number of images N in the one input, after its name, datatype and shape rules;
+    shared by every transport (gRPC here, REST in service/http_codec.py)."""
+    if name != INPUT_NAME:
+        raise InvalidInput(f"expected an input named {INPUT_NAME!r}, got {name!r}")
+    if datatype not in _RAW_DTYPES:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: expected datatype FP32 or UINT8, got {datatype!r}"
+        )
+    return _images_in(shape, max_images)
+
+
+def rows_from_bytes(
+    datatype: str, shape: Sequence[int], n: int, data: bytes | memoryview
+) -> Array:
+    """Rows from the input's raw little-endian bytes (checked by `check_input`)."""
+    dtype = _RAW_DTYPES[datatype]
+    count = n * INPUT_SIZE
+    if len(data) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: expected {count * dtype.itemsize} bytes for shape "
+            f"{_shape_text(shape)} {datatype}, got {len(data)}"
+        )
+    return _rows(datatype, n, np.frombuffer(data, dtype=dtype))
+
+
+def rows_from_values(
+    datatype: str, shape: Sequence[int], n: int, values: npt.NDArray[Any]
+) -> Array:
+    """Rows from the input's typed values (float32 for FP32, uint8 for UINT8), flat."""
+    count = n * INPUT_SIZE
+    if values.size != count:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: expected {count} values for shape "
+            f"{_shape_text(shape)}, got {values.size}"
+        )
+    return _rows(datatype, n, values)
+
+
+def _rows(datatype: str, n: int, values: npt.NDArray[Any]) -> Array:
+    if datatype == "UINT8":
+        return pixels_to_input(values)
     x: Array = values.reshape(n, INPUT_SIZE)
     codec.check_unit_range(x)
-    return x, raw
-
+    return x
 
 
 # --- replies out ----------------------------------------------------------------------------

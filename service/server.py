@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import admin, oip
+from service import admin, http_frontend, oip
 from service import servicer as classifier
 from service.batcher import Batcher
 from service.config import Settings
@@ -165,6 +165,8 @@ class Server:
         self.admin: admin.AdminEndpoint | None = None
         self.frontend = ""  # what serves once started: "core" or "aio" (after the self-test)
         self._grpc_server: grpc.aio.Server | None = None
+        self.http: http_frontend.HttpFrontend | None = None  # the REST front end, if any
+        self._v2: oip.InferenceServicer | None = None
         self.images: ImageDecoder | None = None  # built by start(): it needs the loop
         self._monitor: PromotionMonitor | None = None  # likewise
         self._stop_exporter: Any = None
@@ -200,6 +202,11 @@ class Server:
         services.append(reflection.SERVICE_NAME)
         enable_reflection(services, server)
         await self.batcher.start()
+        if settings.http_port:  # the KServe v2 REST front end, on the same loop and batcher
+            self.http = await http_frontend.start(
+                settings, registry=registry, batcher=self.batcher, metrics=metrics,
+                servicer=self._v2,
+            )
 
         address = f"{settings.host}:{settings.port}"
         port = (server.add_secure_port(address, credentials) if credentials is not None
@@ -235,7 +242,7 @@ class Server:
         )
         if self.admin is not None and self.admin.server is None:
             services.append(admin.SERVICE_NAME)
-        v2 = oip.add_to_server(
+        v2 = self._v2 = oip.add_to_server(
             server, registry=registry, batcher=batcher, metrics=metrics,
             settings=oip.V2Settings.from_settings(settings), images=self.images,
         )
@@ -256,8 +263,10 @@ class Server:
         self._stopping = True
         log.info("event=stopping grace_s=%s", grace_s)
         await self.unready()
-        if self._grpc_server is not None:
-            await self._grpc_server.stop(grace_s)
+        draining = [] if self._grpc_server is None else [self._grpc_server.stop(grace_s)]
+        if self.http is not None:  # HTTP drains alongside gRPC: both end within grace_s
+            draining.append(self.http.stop(grace_s))
+        await asyncio.gather(*draining)
         if self.admin is not None:
             await self.admin.stop(grace_s)
         await self.batcher.close()

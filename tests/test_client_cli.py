@@ -361,6 +361,7 @@ def test_a_second_server_on_a_busy_port_says_so_in_one_line(
         holder.listen()
         port = holder.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
+        env["MNIST_HTTP_PORT"] = "0"  # only the port under test may be busy
         for flags, what in (
             (["--port", str(port), "--no-metrics-enabled"], f"--port 127.0.0.1:{port}"),
             (["--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", str(port)],

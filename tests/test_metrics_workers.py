@@ -49,7 +49,7 @@ def test_two_workers_add_up_and_a_killed_worker_leaves_no_stale_gauges(
     shared = tmp_path / "prometheus-multiproc"
     log = tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-    env.update(PYTHONUNBUFFERED="1", PROMETHEUS_MULTIPROC_DIR=str(shared))
+    env.update(PYTHONUNBUFFERED="1", PROMETHEUS_MULTIPROC_DIR=str(shared), MNIST_HTTP_PORT="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--model-dir", str(model_repo), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "2", "--metrics-host", "127.0.0.1",

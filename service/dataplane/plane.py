@@ -53,13 +53,17 @@ class DataPlane:
         self._images = images or ImageDecoder.off()
 
     async def call(self, pipeline: Pipeline, raw: bytes, deadline_s: float | None, *,
-                   method: str = "", inflight: bool = True) -> bytes:
+                   method: str = "", inflight: bool = True,
+                   wire_bytes: int | None = None) -> bytes:
         """One request end to end on the event loop: the reply's bytes, or the exception
         (ServiceError, or a bug, logged here), counted before it returns or raises.
-        `method` overrides the pipeline's metrics label (a stream counts each message)."""
+        `method` overrides the pipeline's metrics label (a stream counts each message);
+        `wire_bytes`: what admission charges for `raw` when it is not protobuf (REST's JSON
+        holds more per byte: service/http_api.py), else `len(raw)`."""
         scope = RequestScope(self._metrics, method or pipeline.method, inflight=inflight)
         try:
-            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
+            # Before any decoding: a refusal is cheap.
+            self._batcher.admit_wire(len(raw) if wire_bytes is None else wire_bytes)
             job = pipeline.prepare(raw, scope)
             if job.x is None:  # encoded images: decoded in the decoder processes
                 started = time.monotonic()
