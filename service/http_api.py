@@ -165,6 +165,9 @@ class RestInferPipeline:
 
     def prepare(self, raw: bytes, scope: RequestScope) -> InferJob:
         number, label = tensors.parse_version(self._version)
+        # The route names the model and version: fail fast on them before the body is parsed
+        # (a malformed body is then counted under the version it was sent to).
+        self._v2.check(self._model, number, label, "", scope)
         request = http_codec.parse_infer(raw, self._header_length, self._max_images)
         self._request = request
         intermediate = InferRequest(id=request.id, model=self._model, version=number,

@@ -100,7 +100,7 @@ class InferPipeline:
         number, label = tensors.parse_version(request.model_version)
         key = (request.parameters["routing_key"].string_param
                if "routing_key" in request.parameters else "")
-        number = self._check(request.model_name, number, label, key, scope)
+        number = self.check(request.model_name, number, label, key, scope)
         outputs = tensors.requested_outputs(request)
         blobs = v2_blobs(request)
         if blobs is not None:  # a BYTES input: encoded images, checked now, decoded later
@@ -117,7 +117,7 @@ class InferPipeline:
     def resolve(self, request: InferRequest, scope: RequestScope, wire_bytes: int,
                 encoder: Encoder) -> InferJob:
         """Step 2 for a wire that parsed its own request (see the module docstring)."""
-        number = self._check(request.model, request.version, request.label,
+        number = self.check(request.model, request.version, request.label,
                              request.routing_key, scope)
         if request.x is None:
             self._images.check(request.blobs, self._max_images)
@@ -128,7 +128,7 @@ class InferPipeline:
                         id=request.id, outputs=request.outputs,
                         raw_outputs=request.raw_outputs, encoder=encoder, blobs=request.blobs)
 
-    def _check(self, model: str, version: int, label: str, key: str,
+    def check(self, model: str, version: int, label: str, key: str,
                scope: RequestScope) -> int:
         """The version number to queue under (a canary is chosen once, here, by `key`). Fail
         fast on a model, version or label not loaded (nothing unknown is queued, nor names a
