@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import grpc
 import numpy as np
-from conftest import make_model, uint8_request, write_version
-from deploy_support import nginx_command, nginx_version, render_nginx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.deploy import nginx_command, nginx_version, render_nginx
+from support.servers import make_model, uint8_request, write_version
 
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 

@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, float_request, make_model, write_version
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from support.servers import ServerThread, float_request, make_model, write_version
 
 from service.pb.mnist.v1 import admin_pb2 as apb
 from service.pb.mnist.v1 import admin_pb2_grpc as apb_grpc

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerThread, make_model, write_version
+from support.servers import ServerThread, make_model, write_version
 
 from mnist_client.cli import main
 

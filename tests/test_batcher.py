@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_model, write_version
-from numerics import assert_probabilities
 from prometheus_client import CollectorRegistry
+from support.numerics import assert_probabilities
+from support.servers import make_model, write_version
 
 from service.batcher import Batcher
 from service.errors import DeadlineExceeded, NotFound, Overloaded, ServiceError

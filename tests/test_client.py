@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model
-from numerics import assert_probabilities
-from procs import free_port
+from support.numerics import assert_probabilities
+from support.procs import free_port
+from support.servers import ServerThread, make_model
 
 from mnist_client.cli import main
 from mnist_client.client import ClassifierClient, ClientError

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, write_version
-from procs import free_port
+from support.procs import free_port
+from support.servers import ServerThread, make_model, write_version
 
 from mnist_client.cli import main
 from mnist_client.images import preprocess

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model
+from support.servers import ServerThread, make_model
 
 from mnist_client.client import (
     AsyncClassifierClient,

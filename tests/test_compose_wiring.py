@@ -24,31 +24,16 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import make_model, uint8_request, write_version
-from deploy_support import ROOT, docker_compose
-from procs import free_port
+from support.deploy import ROOT, docker_compose
+from support.procs import free_port
+from support.servers import make_model, uint8_request, write_version
+from support.synthetic import synthetic_mnist
 
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
-from trainer.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, write_idx
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent  # the image puts its venv's bin first on PATH the same way
-
-
-def synthetic_mnist(directory: Path, seed: int = 0) -> None:
-    """Small learnable IDX files: each digit lights its own 4x4 block, plus noise."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for images_name, labels_name, n in ((TRAIN_IMAGES, TRAIN_LABELS, 1200),
-                                        (TEST_IMAGES, TEST_LABELS, 200)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, digit in enumerate(labels):
-            row, col = divmod(int(digit), 5)
-            images[i, 4 + 8 * row: 8 + 8 * row, 2 + 5 * col: 6 + 5 * col] = 255
-        write_idx(directory / images_name, images)
-        write_idx(directory / labels_name, labels)
 
 
 class Stack:

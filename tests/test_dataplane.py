@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import uint8_request
 from prometheus_client import CollectorRegistry
+from support.servers import uint8_request
 
 from service.batcher import Batcher, Prediction
 from service.dataplane import (

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_support import (
+from support.deploy import (
     NGINX_DIR,
     ROOT,
     docker_compose,

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, uint8_request, write_version
+from support.servers import ServerThread, make_model, uint8_request, write_version
 
 from service.errors import redact_paths
 from service.pb.inference import grpc_service_pb2 as oip_pb

@@ -1,7 +1,7 @@
 """The compose stack on a real Docker engine: the image built from the Dockerfile, the repository's
 docker-compose.yml brought up, scaled, retrained, rolled back, killed and stopped.
 
-One engine per module (tests/docker_support.py, scripts/docker-engine.sh): Debian's dockerd
+One engine per module (tests/support/docker.py, scripts/docker-engine.sh): Debian's dockerd
 started by hand with its own roots and socket, without iptables, NAT or ip_forward changes,
 stopped at the end whatever happened. The tests run in file order on one stack, each leaving it
 in the state the next one starts from, as an operator would walk through docs/deployment.md.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from docker_support import (
+from support.docker import (
     ADMIN_TOKEN,
     Engine,
     Stack,
@@ -36,7 +36,7 @@ from docker_support import (
     running_engine,
     wait_for,
 )
-from test_compose_wiring import synthetic_mnist
+from support.synthetic import synthetic_mnist
 
 from mnist_client.client import ClassifierClient, ClientError
 from service.fatal import FATAL_EXIT_CODE

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from deploy_support import ROOT, tool
+from support.deploy import ROOT, tool
 
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_RELEASE = "1.31.0"  # native gRPC probes (GA in 1.27) and everything else used here

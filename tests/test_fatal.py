@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import make_model, uint8_request, write_version
-from procs import free_port, stop_process
+from support.procs import free_port, stop_process
+from support.servers import make_model, uint8_request, write_version
 
 from service.fatal import FATAL_EXIT_CODE
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, uint8_request, write_version
+from support.servers import ServerThread, make_model, uint8_request, write_version
 
 from service.model import Model, pixels_to_input
 from service.pb.inference import grpc_service_pb2 as opb
@@ -249,7 +249,7 @@ def test_the_issue_repro_a_one_epoch_model_no_longer_replaces_the_default(
     import os
     import shutil
 
-    from conftest import skip_or_fail
+    from support.servers import skip_or_fail
 
     from trainer.cli import main as train_main
 

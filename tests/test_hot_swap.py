@@ -26,9 +26,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, float_request, probabilities
-from procs import stop_process
-from versions_util import publish_tiny, rss_bytes, tiny_model
+from support.procs import stop_process
+from support.servers import ServerThread, float_request, probabilities
+from support.versions_util import publish_tiny, rss_bytes, tiny_model
 
 from service.metrics import Metrics
 from service.pb.mnist.v1 import admin_pb2 as apb

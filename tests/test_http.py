@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, write_version
-from numerics import assert_probabilities
-from procs import free_port
 from support.http_client import Response, closed_by_peer, exchange, read_response, request
+from support.numerics import assert_probabilities
+from support.procs import free_port
+from support.servers import ServerThread, make_model, write_version
 
 from service.model import Model, pixels_to_input
 

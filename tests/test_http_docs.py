@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerThread
-from procs import free_port
+from support.procs import free_port
+from support.servers import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
 # (document, the section whose `sh` blocks run, the directory they run in)

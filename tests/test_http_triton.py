@@ -2,7 +2,7 @@
 REST endpoint, with JSON and binary tensors, as tests/test_oip_triton.py does for gRPC.
 
 The client runs in its own venv (.tools/triton-venv, scripts/install-test-tools.sh) as a
-subprocess (tests/http_triton_client.py) against the real server on 127.0.0.1; its answers
+subprocess (tests/support/http_triton_client.py) against the real server on 127.0.0.1; its answers
 are compared here with Model.predict on the same inputs.
 """
 
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, skip_or_fail, write_version
-from numerics import assert_probabilities
-from procs import free_port
+from support.numerics import assert_probabilities
+from support.procs import free_port
+from support.servers import ServerThread, make_model, skip_or_fail, write_version
 
 from service.model import Model, pixels_to_input
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_PYTHON = ROOT / ".tools" / "triton-venv" / "bin" / "python"
-CLIENT = Path(__file__).resolve().parent / "http_triton_client.py"
+CLIENT = Path(__file__).resolve().parent / "support" / "http_triton_client.py"
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, uint8_request
 from PIL import Image
-from procs import free_port, stop_process
+from support.procs import free_port, stop_process
+from support.servers import ServerThread, make_model, uint8_request
 
 from mnist_client.images import load_image
 from service.model import pixels_to_input

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerThread, skip_or_fail
+from support.servers import ServerThread, skip_or_fail
 
 from mnist_client.images import load_image
 from service.model import load_model, pixels_to_input

@@ -26,10 +26,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, float_request, probabilities
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.loader_corpus import CASES, GROUPS, Case, Ctx, good_version, remove
-from versions_util import tiny_model
+from support.servers import ServerThread, float_request, probabilities
+from support.versions_util import tiny_model
 
 from mnist_client.cli import main as client_main
 from service import repository

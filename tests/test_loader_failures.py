@@ -21,11 +21,11 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from support.loader_corpus import CASES, Ctx, good_version
-from versions_util import publish_tiny
+from support.servers import ServerThread
+from support.versions_util import publish_tiny
 
 from service import repository
 from service.errors import FailedPrecondition

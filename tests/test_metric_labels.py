@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, uint8_request, write_version
 from prometheus_client import CollectorRegistry, generate_latest
+from support.servers import ServerThread, make_model, uint8_request, write_version
 
 from service.metrics import UNKNOWN, Metrics
 from service.pb.inference import grpc_service_pb2 as oip_pb

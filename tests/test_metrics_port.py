@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerThread
-from metrics_util import samples
+from support.metrics_util import samples
+from support.servers import ServerThread
 
 
 def request(port: int, method: str, path: str) -> tuple[int, str]:

@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import uint8_request
-from metrics_util import ROOT, free_port, poll, samples, scrape
-from procs import stop_process
+from support.metrics_util import ROOT, free_port, poll, samples, scrape
+from support.procs import stop_process
+from support.servers import uint8_request
 
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, write_version
-from numerics import assert_probabilities
+from support.numerics import assert_probabilities
+from support.servers import ServerThread, make_model, write_version
 
 from service.model import Model, pixels_to_input
 from service.pb.inference import grpc_service_pb2 as pb

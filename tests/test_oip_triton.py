@@ -2,7 +2,7 @@
 
 tritonclient needs protobuf < 7 and the project uses 7, so it lives in its own venv,
 .tools/triton-venv, made by scripts/install-test-tools.sh (`./dev test` runs it). The client
-runs as a subprocess (tests/oip_triton_client.py) against the real server on 127.0.0.1;
+runs as a subprocess (tests/support/oip_triton_client.py) against the real server on 127.0.0.1;
 its answers are compared here with Model.predict on the same inputs.
 """
 
@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, skip_or_fail, write_version
-from numerics import assert_probabilities
+from support.numerics import assert_probabilities
+from support.servers import ServerThread, make_model, skip_or_fail, write_version
 
 from service.model import Model, pixels_to_input
 from service.pb.inference import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_PYTHON = ROOT / ".tools" / "triton-venv" / "bin" / "python"
-CLIENT = Path(__file__).resolve().parent / "oip_triton_client.py"
+CLIENT = Path(__file__).resolve().parent / "support" / "oip_triton_client.py"
 TOKEN = "triton-test-token"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerThread, make_model, skip_or_fail, write_version
+from support.servers import ServerThread, make_model, skip_or_fail, write_version
 
 from service.metrics.version_stats import VersionStats
 from service.oip_config import BatchingConfig, model_config, model_config_dict
@@ -20,7 +20,7 @@ from service.version_policy import VersionPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_PYTHON = ROOT / ".tools" / "triton-venv" / "bin" / "python"
-CLIENT = Path(__file__).resolve().parent / "oip_triton_stats_client.py"
+CLIENT = Path(__file__).resolve().parent / "support" / "oip_triton_stats_client.py"
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import uint8_request
 from prometheus_client import CollectorRegistry
-from test_transport import BOUND_S, Harness
+from support.core_harness import BOUND_S, Harness
+from support.servers import uint8_request
 
 from service import oip
 from service import servicer as classifier

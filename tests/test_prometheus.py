@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, uint8_request, write_version
-from metrics_util import (
+from support.dashboard import DASHBOARD, traffic_with_swap_and_rejection
+from support.metrics_util import (
     ROOT,
     dashboard_exprs,
     grafana_to_promql,
@@ -26,7 +26,7 @@ from metrics_util import (
     scrape,
     tool,
 )
-from test_dashboard import DASHBOARD, traffic_with_swap_and_rejection
+from support.servers import ServerThread, make_model, uint8_request, write_version
 
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 

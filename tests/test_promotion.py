@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, make_model, uint8_request, write_version
+from support.servers import ServerThread, make_model, uint8_request, write_version
 
 from mnist_client.cli import main as client_main
 from service.model import INPUT_SIZE, NUM_CLASSES, Model, build_model, pixels_to_input

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from versions_util import publish_tiny, tiny_model
+from support.versions_util import publish_tiny, tiny_model
 
 from service.config import load_settings
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from versions_util import publish_tiny
+from support.versions_util import publish_tiny
 
 from service.metrics import Metrics
 from service.model import Model, ModelFormatError

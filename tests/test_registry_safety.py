@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from versions_util import (
+from support.versions_util import (
     npy_bytes,
     npz_members,
     publish_tiny,

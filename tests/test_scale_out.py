@@ -25,11 +25,11 @@ from typing import IO
 import grpc
 import numpy as np
 import pytest
-from conftest import make_model, uint8_request, write_version
-from deploy_support import nginx_command, nginx_version, render_nginx, tool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from procs import free_port, stop_process
 from prometheus_client.parser import text_string_to_metric_families
+from support.deploy import nginx_command, nginx_version, render_nginx, tool
+from support.procs import free_port, stop_process
+from support.servers import make_model, uint8_request, write_version
 
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 

@@ -19,20 +19,20 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from support.metrics_util import samples, scrape
+from support.numerics import assert_probabilities
+from support.procs import free_port, stop_process
+from support.servers import (
     ServerThread,
     make_model,
     probabilities,
     uint8_request,
     write_version,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-    ProtoReflectionDescriptorDatabase,
-)
-from metrics_util import samples, scrape
-from numerics import assert_probabilities
-from procs import free_port, stop_process
 
 from service.frontends.core import CoreServer
 from service.model import pixels_to_input

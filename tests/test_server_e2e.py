@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import skip_or_fail
+from support.servers import skip_or_fail
 
 from mnist_client.cli import main
 from service.model import load_model

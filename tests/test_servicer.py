@@ -9,7 +9,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import (
+from support.numerics import assert_probabilities
+from support.servers import (
     ServerThread,
     float_request,
     make_model,
@@ -17,7 +18,6 @@ from conftest import (
     uint8_request,
     write_version,
 )
-from numerics import assert_probabilities
 
 from service.model import load_model, pixels_to_input
 from service.pb.mnist.v1 import classifier_pb2 as pb

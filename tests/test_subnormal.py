@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import make_model
+from support.servers import make_model
 
 from service.model import (
     INPUT_SIZE,

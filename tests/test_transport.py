@@ -15,8 +15,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,61 +23,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from support.core_harness import BOUND_S, CLOCK_SLACK_S, Harness
 
 from service.frontends.core import Context, CoreServer, FastCall
 
 T = TypeVar("T")
 SVC = "test.Svc"
 ROOT = Path(__file__).resolve().parent.parent
-BOUND_S = 10.0  # upper bound for anything that should happen "soon" (a hang guard, not a timing)
-# gRPC core hands the server the deadline converted from its monotonic clock to wall time; the
-# conversion (and the grpc-timeout header's rounding) can put it a few ms past the client's.
-CLOCK_SLACK_S = 0.5
-
-
-class Harness:
-    """A CoreServer on its own event loop in a daemon thread, as service code runs it."""
-
-    def __init__(self, configure: Callable[[CoreServer], None],
-                 server: CoreServer | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.server = server if server is not None else CoreServer()
-        configure(self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.target = f"127.0.0.1:{self.port}"
-        self.stopped = False
-        self.call(self.server.start())
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = BOUND_S) -> T:
-        return self.submit(coro).result(timeout)
-
-    def barrier(self) -> None:
-        """Return once everything scheduled on the loop before this call has had a turn."""
-
-        async def nothing() -> None:
-            pass
-
-        self.call(nothing())
-
-    def stop(self, grace: float | None) -> Future[None]:
-        self.stopped = True
-        return self.submit(self.server.stop(grace))
-
-    def close(self) -> None:
-        try:
-            if not self.stopped:  # with a grace: stop(0) can crash (see the test below)
-                self.stop(1.0).result(BOUND_S)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(BOUND_S)
-            self.loop.close()
-
-
 @pytest.fixture
 def core() -> Iterator[Callable[[Callable[[CoreServer], None]], Harness]]:
     """Factory: core(configure) -> a started Harness; all closed at teardown."""

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from versions_util import tiny_model
 
 from service.model import CHECKSUM_FILE, WEIGHTS_FILE, save_model
+from support.versions_util import tiny_model
 
 
 @dataclass(frozen=True)

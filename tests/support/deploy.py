@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this is tests/support/)
 TOOLS_BIN = ROOT / ".tools" / "bin"
 DOCKER_CONFIG = ROOT / ".tools" / "docker"
 NGINX_DIR = ROOT / "deploy" / "nginx"

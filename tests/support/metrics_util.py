@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from procs import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.procs import free_port
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this is tests/support/)
 TOOLS_BIN = ROOT / ".tools" / "bin"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 T = TypeVar("T")

@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_support import COMPOSE_FILE, DOCKER_CONFIG, ROOT
-from procs import free_port
+
+from support.deploy import COMPOSE_FILE, DOCKER_CONFIG, ROOT
+from support.procs import free_port
 
 ENGINE_SCRIPT = ROOT / "scripts" / "docker-engine.sh"
 DOCKER = "/usr/bin/docker"
