@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import grpc
 
-from service.batcher import Prediction
+from service.batching import Prediction
 from service.errors import ServiceError, status_of
 from service.metrics import Metrics
 from service.transport import FastCall

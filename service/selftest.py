@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import servicer as classifier
 from service import transport
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.config import Settings
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from service import admin, oip, selftest
 from service import servicer as classifier
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.config import Settings
 from service.fatal import die
 from service.malformed import Registrar, enable_reflection

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from service import codec
-from service.batcher import Batcher, Prediction
+from service.batching import Batcher, Prediction
 from service.errors import NotFound, ServiceError, status_of
 from service.fastpath import Answer, refuse
 from service.metrics import Metrics

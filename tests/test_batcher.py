@@ -18,7 +18,7 @@ from conftest import make_model, write_version
 from numerics import assert_probabilities
 from prometheus_client import CollectorRegistry
 
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.errors import DeadlineExceeded, NotFound, Overloaded, ServiceError
 from service.metrics import Metrics
 from service.registry import ModelRegistry, ServableVersion

@@ -26,7 +26,7 @@ from test_transport import BOUND_S, Harness
 
 from service import oip
 from service import servicer as classifier
-from service.batcher import CHARGE_PER_WIRE_BYTE, REQUEST_OVERHEAD_BYTES, Batcher
+from service.batching import CHARGE_PER_WIRE_BYTE, REQUEST_OVERHEAD_BYTES, Batcher
 from service.config import Settings
 from service.metrics import Metrics
 from service.pb.inference import grpc_service_pb2 as ipb
