@@ -1,19 +1,19 @@
 """Batching: a bounded queue coalescing concurrent requests into one forward per version."""
 
-from service.batching.batcher import (
+from service.batching.admission import (
     CHARGE_PER_WIRE_BYTE,
     REQUEST_OVERHEAD_BYTES,
     RESUME_FRACTION,
-    Batcher,
-    Prediction,
-    Waiter,
 )
+from service.batching.batcher import Batcher
+from service.batching.contract import ForwardObserver, Prediction, Waiter
 
 __all__ = [
     "CHARGE_PER_WIRE_BYTE",
     "REQUEST_OVERHEAD_BYTES",
     "RESUME_FRACTION",
     "Batcher",
+    "ForwardObserver",
     "Prediction",
     "Waiter",
 ]
