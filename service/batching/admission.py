@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 
-from service.batching.contract import Gauges
+from service.batching.contract import BatchMetrics
 from service.errors import Overloaded, Unavailable
 
 # Decoded float32 rows take at most 4 bytes per byte of the message carrying them (uint8
@@ -45,7 +45,7 @@ def request_charge(decoded_bytes: int, wire_bytes: int) -> int:
 class Admission:
     """Rows queued and bytes held against their bounds; shedding with hysteresis; the door."""
 
-    def __init__(self, gauges: Gauges, *, max_queue_rows: int, max_queue_bytes: int,
+    def __init__(self, gauges: BatchMetrics, *, max_queue_rows: int, max_queue_bytes: int,
                  max_door_wait_s: float) -> None:
         self._gauges = gauges
         self.max_queue_rows = max_queue_rows

@@ -25,11 +25,18 @@ import time
 from service.batching.admission import Admission, request_charge, wire_charge
 from service.batching.aio import AsyncioDriver
 from service.batching.compute import Compute
-from service.batching.contract import Array, Clock, ForwardObserver, Prediction, Resolver, Waiter
+from service.batching.contract import (
+    Array,
+    BatchMetrics,
+    Clock,
+    ForwardObserver,
+    Prediction,
+    Resolver,
+    Waiter,
+)
 from service.batching.cq import CompletionQueueDriver
 from service.batching.queue import BatchQueue
 from service.errors import Overloaded, Unavailable
-from service.metrics import Metrics
 
 
 class Batcher:
@@ -38,7 +45,7 @@ class Batcher:
     def __init__(
         self,
         registry: Resolver,
-        metrics: Metrics,
+        metrics: BatchMetrics,
         *,
         max_batch_rows: int,
         max_batch_wait_s: float,
@@ -79,7 +86,7 @@ class Batcher:
         with self._lock:
             self._admission.close()
         await self._aio.close()
-        self._cq.drain()
+        self._cq.close()
 
     stop = close
 

@@ -18,10 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batching.contract import Array, Clock, ForwardObserver, Prediction, Resolver
+from service.batching.contract import (
+    Array,
+    BatchMetrics,
+    Clock,
+    ForwardObserver,
+    Prediction,
+    Resolver,
+)
 from service.batching.queue import Batch, Pending
 from service.errors import DeadlineExceeded, ServiceError
-from service.metrics import Metrics
 from service.registry import ServableVersion
 
 log = logging.getLogger(__name__)
@@ -43,7 +49,7 @@ class Group:
 class Compute:
     """See the module docstring; `observers` are told of each group's forward."""
 
-    def __init__(self, resolver: Resolver, metrics: Metrics, clock: Clock) -> None:
+    def __init__(self, resolver: Resolver, metrics: BatchMetrics, clock: Clock) -> None:
         self._resolve = resolver.resolve
         self._metrics = metrics
         self._clock = clock

@@ -1,14 +1,14 @@
 """What the batcher exchanges with the code around it, as types.
 
 Callers hand it pixels and a `Waiter` and get a `Prediction`; it reads versions through a
-`Resolver` (the ModelRegistry in production, a fake in tests), reports its queue through
-`Gauges` (service/metrics.py), and tells time through a `Clock`, so the queue's rules can be
-tested with a fake one and no sleeping.
+`Resolver` (the ModelRegistry in production, a fake in tests), records batches and its queue
+through `BatchMetrics` (service/metrics.py's Metrics) and tells time through a `Clock`, so
+the queue's rules can be tested with a fake clock and no sleeping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,8 +53,12 @@ class Resolver(Protocol):
     def resolve(self, model: str = "", version: int = 0, label: str = "") -> ServableVersion: ...
 
 
-class Gauges(Protocol):
-    """Where the queue's size is reported (service/metrics.py's Metrics)."""
+class BatchMetrics(Protocol):
+    """What the batcher records (service/metrics.py's Metrics): each forward pass, and the
+    queue's size."""
+
+    def batch_done(self, model: str, version: int, queue_waits_s: Iterable[float],
+                   forward_s: float, probabilities: Array) -> None: ...
 
     def set_queue_bytes(self, held: int) -> None: ...
 

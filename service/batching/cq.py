@@ -50,8 +50,10 @@ class CompletionQueueDriver:
                 due = queue.due()
         return due
 
-    def drain(self) -> None:
-        """Compute everything still queued, on this thread (the batcher is closing and the
-        polling thread has stopped)."""
-        while self.run_queued() is not None:
-            pass
+    def close(self) -> None:
+        """Compute everything still queued, now, on this thread (admission already refuses;
+        the polling thread has stopped)."""
+        with self._lock:
+            self._queue.close()  # everything queued is due at once
+        while len(self._queue):
+            self.run_queued()
