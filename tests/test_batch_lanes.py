@@ -142,10 +142,13 @@ def test_a_batch_never_mixes_versions_and_resolves_each_version_once() -> None:
 
 def test_the_version_is_resolved_when_the_batch_is_computed() -> None:
     rig = Rig()
+    before = rig.put()
+    rig.drain()
     w = rig.put()
     rig.resolver.current = 2  # a hot swap between queueing and computing
     rig.drain()
-    assert result(w).version.version == 2
+    assert result(before).version.version == 1
+    assert result(w).version.version == 2, "resolved for each batch, never remembered"
 
 
 def test_an_unknown_version_fails_only_its_request() -> None:
