@@ -92,8 +92,7 @@ class AsyncioDriver:
         future: asyncio.Future[Prediction] = loop.create_future()
         queue = self._queue
         with self._lock:
-            queue.enqueue(x, LoopWaiter(future, loop), model=model, version=version,
-                          label=label, deadline_s=deadline_s, charge=charge)
+            queue.enqueue(x, LoopWaiter(future, loop), model, version, label, deadline_s, charge)
             due = queue.due()
         if self._signal is not None and (
                 self._wake_before is None or (due is not None and due < self._wake_before)):

@@ -72,9 +72,17 @@ class Compute:
         for p in batch.expired:
             _fail(p, DeadlineExceeded("deadline passed while queued; the request was dropped"))
         resolve = self._resolve
+        requests = batch.requests
+        if len(requests) == 1:  # the common case at low concurrency: no grouping to do
+            p = requests[0]
+            try:
+                return [Group(resolve(p.model, p.version, p.label), requests, p.rows)]
+            except ServiceError as e:
+                _fail(p, e)
+                return []
         groups: dict[int, Group] = {}
         resolved: dict[tuple[str, int, str], ServableVersion] = {}
-        for p in batch.requests:
+        for p in requests:
             key = (p.model, p.version, p.label)
             sv = resolved.get(key)
             if sv is None:

@@ -30,13 +30,12 @@ class CompletionQueueDriver:
     def submit(self, x: Array, waiter: Waiter, model: str, version: int, label: str,
                deadline_s: float | None, charge: int) -> None:
         with self._lock:
-            self._queue.enqueue(x, waiter, model=model, version=version, label=label,
-                                deadline_s=deadline_s, charge=charge)
+            self._queue.enqueue(x, waiter, model, version, label, deadline_s, charge)
 
     def run_queued(self) -> float | None:
         """Compute the due batch, if any (never raises); return when the next is due."""
         queue = self._queue
-        if not len(queue):
+        if not queue.pending:
             return None
         with self._lock:
             batch = queue.take_due()
@@ -55,5 +54,5 @@ class CompletionQueueDriver:
         the polling thread has stopped)."""
         with self._lock:
             self._queue.close()  # everything queued is due at once
-        while len(self._queue):
+        while self._queue.pending:
             self.run_queued()

@@ -63,6 +63,7 @@ class BatchQueue:
         self._max_wait = max_batch_wait_s
         self._batching = batching
         self._queue: collections.deque[Pending] = collections.deque()
+        self.pending = self._queue  # read-only view: a driver's cheap "anything queued?"
         self._rows = 0  # rows queued here
         self._outstanding = 0  # requests queued or in a batch, not yet answered
         self._peak = 0  # most outstanding since the previous batch
@@ -72,7 +73,7 @@ class BatchQueue:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def enqueue(self, x: Array, waiter: Waiter, *, model: str, version: int, label: str,
+    def enqueue(self, x: Array, waiter: Waiter, model: str, version: int, label: str,
                 deadline_s: float | None, charge: int) -> None:
         """Queue `x` for `waiter`, or raise what admission refuses (Overloaded, Unavailable).
         `deadline_s`: seconds from now after which the caller stops waiting."""
