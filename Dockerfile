@@ -21,6 +21,8 @@ COPY trainer /src/trainer
 # The client too: operators run `docker exec ... mnist-client set-current` inside a container
 # (docs/deployment.md), and the real-engine test does.
 COPY mnist_client /src/mnist_client
+# Image decoding and MNIST preprocessing, shared by the client and the server's decoders.
+COPY mnist_imaging /src/mnist_imaging
 # Installed as a wheel (not editable) and byte-compiled here, so containers start without
 # compiling and run on a read-only root file system; the locked setuptools builds it.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /src
@@ -46,7 +48,7 @@ RUN chown 10001:10001 /data
 VOLUME ["/models"]
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
-EXPOSE 50051 9100
+EXPOSE 50051 8000 9100
 # The gRPC health service, not a TCP probe: NOT_SERVING until a model is loaded and while
 # draining after SIGTERM.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \

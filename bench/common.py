@@ -84,14 +84,16 @@ def env_without(*prefixes: str) -> dict[str, str]:
 
 
 def service_command(model_dir: Path, port: int, *, metrics_port: int | None,
-                    rescan_interval_s: float = 0, extra: Iterable[str] = ()) -> list[str]:
+                    rescan_interval_s: float = 0, extra: Iterable[str] = (),
+                    http_port: int = 0) -> list[str]:
     """`python -m service` on 127.0.0.1:port as the benchmarks run it: warnings-only logs,
-    the /metrics exporter on `metrics_port` or disabled when it is None."""
+    the /metrics exporter on `metrics_port` or disabled when it is None, the HTTP front end
+    on `http_port` (0: none)."""
     metrics = (["--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port)]
                if metrics_port is not None else ["--no-metrics-enabled"])
     return [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host",
             "127.0.0.1", "--port", str(port), "--rescan-interval-s", f"{rescan_interval_s:g}",
-            "--log-level", "WARNING", *metrics, *extra]
+            "--log-level", "WARNING", "--http-port", str(http_port), *metrics, *extra]
 
 
 def wait_until_ready(proc: subprocess.Popen[bytes], target: str,

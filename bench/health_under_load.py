@@ -2,7 +2,7 @@
 
     flock /tmp/mnist-bench.lock .venv/bin/python bench/health_under_load.py [server flags]
 
-On the core front end (service/transport.py) Classify runs on the polling thread and health on
+On the core front end (service/frontends/core.py) Classify runs on the polling thread and health on
 the asyncio loop, which gets the GIL only when that thread waits or at the interpreter's switch
 interval. The server (pinned to CPU 0, committed default model) is loaded by 64 closed-loop
 callers for 5 s while a prober checks health every 10 ms; prints Classify req/s and the

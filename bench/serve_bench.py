@@ -5,15 +5,22 @@
 Servers (each a subprocess pinned to CPU 0 with taskset; the load generator is pinned to CPU 1):
   bare-aio       grpc.aio server, same method path, no work: returns a prebuilt reply
   bare-threaded  threaded grpc.server, same
-  bare-core      service.transport.CoreServer, same, as a fast method answered at once: the
+  bare-core      service.frontends.core.CoreServer, same, as a fast method answered at once: the
                  floor of the front end `ours` is built on (for information; the issue's
                  target is against the faster of bare-aio and bare-threaded)
   nobatch        our server with --no-batching (each request its own forward)
   ours           our server as shipped (dynamic batching)
+  baseline       our server from another source tree (--baseline-tree, e.g. a `git worktree
+                 add /work/wt-old <commit>` of the commit before a change), same interpreter
+                 and flags: with it the rounds alternate baseline/ours and the table ends
+                 with new/old ratios (issue 12: c64 1-image req/s and 256-image images/s
+                 >= 0.97x old, c1 1-image p50 <= 1.03x old)
 Shapes: 1 image and 256 images per request at concurrency 1, 8 and 64 (closed loop, asyncio,
 pre-serialized requests asking for the packed reply, as ClassifierClient does; bounded by
 --duration-s and --max-requests per cell). Each cell is
 repeated --repeats times (servers restarted each round) and the median is reported.
+A/B:   flock /tmp/mnist-bench.lock .venv/bin/python bench/serve_bench.py \
+           --baseline-tree /work/wt-old --servers baseline,ours --shapes 1x1,1x64,256x8
 Targets (issue 3): c64 1-image >= 80% of the faster bare server's req/s; c1 1-image p50 <=
 1.3x the faster bare server's; 256-image >= 150,000 images/s; ours beats nobatch at c64.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +57,7 @@ from common import (
 from service.pb.mnist.v1 import classifier_pb2 as pb
 
 EXTRA: list[str] = []
+BASELINE_TREE: list[str] = []  # the source tree the "baseline" server runs from, if any
 SERVERS = ("bare-aio", "bare-threaded", "bare-core", "nobatch", "ours")
 # (images per request, concurrency)
 SHAPES: list[tuple[int, ...]] = [(1, 1), (1, 8), (1, 64), (256, 1), (256, 8), (256, 64)]
@@ -72,7 +81,7 @@ def run_bare(kind: str, port: int) -> None:
     cache: dict[int, bytes] = {}
     options = [*BIG_MESSAGES, ("grpc.so_reuseport", 0)]
     if kind == "core":
-        from service.transport import CoreServer, FastCall
+        from service.frontends.core import CoreServer, FastCall
 
         def answer(call: FastCall, raw: bytes) -> None:
             call.reply(_bare_reply(raw, cache))
@@ -122,9 +131,18 @@ def start(kind: str, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen[b
     if kind.startswith("bare-"):
         cmd = [sys.executable, __file__, "--bare", kind.removeprefix("bare-"), "--port", str(port)]
     else:
-        cmd = service_command(model_dir, port, metrics_port=free_port(), extra=EXTRA)
+        # ours-http: ours with the REST port open and idle (`--servers ours,ours-http`).
+        cmd = service_command(model_dir, port, metrics_port=free_port(), extra=EXTRA,
+                              http_port=free_port() if kind == "ours-http" else 0)
         if kind == "nobatch":
             cmd.append("--no-batching")
+        if kind == "baseline":
+            # `python -m service` with the other tree first on sys.path (the -c form: -m would
+            # put this tree, the working directory, first).
+            tree = BASELINE_TREE[0]
+            boot = (f"import runpy, sys; sys.path.insert(0, {tree!r}); "
+                    "runpy.run_module('service', run_name='__main__', alter_sys=True)")
+            cmd = [cmd[0], "-c", boot, *cmd[3:]]
     return start_server(cmd, port, log_dir / f"{kind}.log",
                         classify_probe(classify_request(1, packed_output=True)), name=kind)
 
@@ -157,6 +175,8 @@ def main() -> int:
                         help="serve a synthetic 784-N-10 model instead of models/mnist/1")
     parser.add_argument("--shapes", default="", help="e.g. '1x1,1x64' (images x concurrency)")
     parser.add_argument("--server-args", default="", help="extra flags for our servers")
+    parser.add_argument("--baseline-tree", default="",
+                        help="source tree of the 'baseline' server (A/B against 'ours')")
     args = parser.parse_args()
     if args.bare:
         run_bare(args.bare, args.port)
@@ -166,6 +186,15 @@ def main() -> int:
     if args.shapes:
         SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     EXTRA[:] = args.server_args.split()
+    if args.baseline_tree:
+        tree = Path(args.baseline_tree).resolve()
+        if not (tree / "service" / "__main__.py").is_file():
+            raise SystemExit(f"--baseline-tree {tree}: expected a source tree with service/")
+        BASELINE_TREE[:] = [str(tree)]
+        if "baseline" not in servers:
+            servers.insert(0, "baseline")
+    elif "baseline" in servers:
+        raise SystemExit("server 'baseline' needs --baseline-tree")
     results: dict[tuple[str, int, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         repo = model_repo(Path(tmp), args.hidden)
@@ -175,7 +204,8 @@ def main() -> int:
         print(f"model {'-'.join(map(str, sizes))} from {repo}; {args.repeats} rounds of "
               f"{args.duration_s} s cells", file=sys.stderr)
         for r in range(args.repeats):
-            for kind in servers:
+            # Alternate the order each round: drift on a shared machine favours neither.
+            for kind in (servers if r % 2 == 0 else servers[::-1]):
                 proc, target = start(kind, repo, Path(tmp))
                 try:
                     for images, conc in SHAPES:
@@ -200,6 +230,14 @@ def main() -> int:
             print(f"| {kind} | {images} | {conc} | {m['rps']:.0f} | {m['ips']:.0f} | "
                   f"{m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['errors']:.0f} | "
                   f"{m['cpu_us']:.0f} |")
+    if {"baseline", "ours"} <= set(servers):
+        print_ab(med, results)
+    if {"ours", "ours-http"} <= set(servers):
+        print("\n| with the HTTP port open and idle / without | value | target |\n|---|---:|---|")
+        for images, conc in SHAPES:
+            o, h = med[("ours", images, conc)], med[("ours-http", images, conc)]
+            print(f"| {images} img c{conc} req/s | {h['rps'] / o['rps']:.3f} | >= 0.97 |")
+            print(f"| {images} img c{conc} p50 | {h['p50_ms'] / o['p50_ms']:.3f} | <= 1.03 |")
     if {"bare-aio", "bare-threaded", "ours", "nobatch"} <= set(servers):
         def g(kind: str, images: int, conc: int, metric: str) -> float:
             return med[(kind, images, conc)][metric]
@@ -227,6 +265,29 @@ def main() -> int:
         for name, value, target in checks:
             print(f"| {name} | {value:.2f} | {target} |")
     return 0
+
+
+def print_ab(med: dict[tuple[str, int, int], dict[str, float]],
+             results: dict[tuple[str, int, int], list[dict[str, float]]]) -> None:
+    """New (ours) / old (baseline) per shape, with issue 12's bounds: the ratio of the
+    medians, and the median and range of the per-round ratios (each round measures both
+    back to back, so on a shared machine the paired ratio drifts less)."""
+    print("\n| A/B new/old | ratio of medians | paired median | paired range | target |\n"
+          "|---|---:|---:|---:|---|")
+
+    def row(name: str, images: int, conc: int, metric: str, target: str) -> None:
+        new, old = results[("ours", images, conc)], results[("baseline", images, conc)]
+        paired = sorted(n[metric] / o[metric] for n, o in zip(new, old, strict=False))
+        ratio = med[("ours", images, conc)][metric] / med[("baseline", images, conc)][metric]
+        print(f"| {name} | {ratio:.3f} | {statistics.median(paired):.3f} | "
+              f"{paired[0]:.3f}-{paired[-1]:.3f} | {target} |")
+
+    for images, conc in SHAPES:
+        if images == 1 and conc == 1:
+            row("c1 1-image p50", 1, 1, "p50_ms", "<= 1.03")
+        metric, what = ("rps", "req/s") if images == 1 else ("ips", "images/s")
+        target = ">= 0.97" if (images, conc) == (1, 64) or images == 256 else "(info)"
+        row(f"c{conc} {images}-image {what}", images, conc, metric, target)
 
 
 if __name__ == "__main__":

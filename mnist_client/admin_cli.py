@@ -67,6 +67,12 @@ def format_status(m: apb.AdminModelStatus) -> list[str]:
         f"{m.name}  current {m.current_version or '-'}{pinned}  policy {m.policy}  "
         f"labels {labels}"
     ]
+    if m.canary_version:
+        lines.append(f"  canary {m.canary_version} at {m.canary_percent:g}%")
+    if m.shadow_version:
+        lines.append(f"  shadow {m.shadow_version} (answers compared, never returned)")
+    if m.rollout_note:
+        lines.append(f"  last rollout event: {m.rollout_note}")
     for v in m.versions:
         state = pb.VersionState.Name(v.state).removeprefix("VERSION_STATE_")
         why = f"  ({v.reason}: {v.detail})" if v.detail else f"  ({v.reason})" if v.reason else ""
@@ -89,7 +95,9 @@ def cmd_rescan(args: argparse.Namespace) -> int:
 
 
 def cmd_set_current(args: argparse.Namespace) -> int:
-    request = apb.AdminSetCurrentVersionRequest(model=args.name, version=args.to_version)
+    request = apb.AdminSetCurrentVersionRequest(
+        model=args.name, version=args.to_version, hold=args.hold
+    )
     return _print(args, [_call(args, "SetCurrentVersion", request)])
 
 
@@ -110,6 +118,25 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return _print(args, [_call(args, "UnloadVersion", request)])
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    request = apb.AdminPromoteVersionRequest(
+        model=args.name, version=args.to_version, force=args.force
+    )
+    return _print(args, [_call(args, "PromoteVersion", request)])
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    request = apb.AdminSetCanaryRequest(
+        model=args.name, version=args.to_version, percent=args.percent
+    )
+    return _print(args, [_call(args, "SetCanary", request)])
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    request = apb.AdminSetShadowRequest(model=args.name, version=args.to_version)
+    return _print(args, [_call(args, "SetShadow", request)])
+
+
 def register(
     sub: Any,
     parents: list[argparse.ArgumentParser] | None = None,
@@ -125,21 +152,38 @@ def register(
         "--admin-target", default="", help="host:port of the admin service (default: --target)"
     )
 
-    def add(name: str, help_text: str, run: Any, *positional: tuple[str, str, Any]) -> None:
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           parents=[common, *(parents or [])], formatter_class=formatter_class)
+    def add(name: str, help_text: str, run: Any, *positional: tuple[str, str, Any]
+            ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text,
+            parents=[common, *(parents or [])], formatter_class=formatter_class,
+        )
         for dest, text, kind in positional:
             metavar = {"name": "MODEL", "label_name": "LABEL", "to_version": "VERSION"}[dest]
             p.add_argument(dest, type=kind, help=text, metavar=metavar)
         p.set_defaults(run=run)
+        return p
 
     model = ("name", "model name", str)
     add("rescan", "admin: rescan the model repository now", cmd_rescan)
-    add("set-current", "admin: pin the current version (0: back to the policy)", cmd_set_current,
-        model, ("to_version", "version to serve by default, or 0", int))
+    p = add("set-current", "admin: pin the current version (0: back to the policy)",
+            cmd_set_current, model, ("to_version", "version to serve by default, or 0", int))
+    p.add_argument("--hold", action="store_true",
+                   help="newer versions do not lift the pin: they load and wait for a canary "
+                   "or promote")
     add("set-label", "admin: point a label at a version (0: remove it)", cmd_set_label,
         model, ("label_name", "label, e.g. stable", str),
         ("to_version", "version, or 0 to remove", int))
     add("load", "admin: load a version and keep it loaded", cmd_load,
         model, ("to_version", "version", int))
     add("unload", "admin: unload a version", cmd_unload, model, ("to_version", "version", int))
+    p = add("promote", "admin: make a version current (ends its canary/shadow; a pin)",
+            cmd_promote, model, ("to_version", "version", int))
+    p.add_argument("--force", action="store_true",
+                   help="serve it even though its quality gate rejected it (recorded)")
+    p = add("canary", "admin: send a share of default traffic to a version (0: end it)",
+            cmd_canary, model, ("to_version", "canary version, or 0 to end the canary", int))
+    p.add_argument("--percent", type=float, default=10.0,
+                   help="share of requests naming no version, in (0, 100]")
+    add("shadow", "admin: copy live traffic to a version, compare, never answer (0: end)",
+        cmd_shadow, model, ("to_version", "shadow version, or 0 to end it", int))

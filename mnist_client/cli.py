@@ -89,7 +89,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         with _client(args) as client:
             for result in client.classify_many(
                 batches(), concurrency=args.concurrency, model=args.model,
-                version=args.version, label=args.label,
+                version=args.version, label=args.label, routing_key=args.routing_key,
             ):
                 name, start, size = origin.popleft()
                 writer.write(result, name, start, size)
@@ -154,7 +154,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())) or "-"
         acc = m.training_metrics.get("test_accuracy")
         acc_text = f"  test_accuracy {acc:.4f}" if acc is not None else ""
-        print(f"{m.name}  current {m.current_version or '-'}  labels {labels}{acc_text}")
+        pinned = "  (pinned: set-current MODEL 0 lifts it)" if m.current_pinned else ""
+        print(f"{m.name}  current {m.current_version or '-'}{pinned}  labels {labels}{acc_text}")
+        if m.canary_version:
+            print(f"  canary {m.canary_version} at {m.canary_percent:g}%")
+        if m.shadow_version:
+            print(f"  shadow {m.shadow_version}")
         for v in m.versions:
             reason = f"  ({v.reason})" if v.reason else ""
             print(f"  version {v.version}  {state_name(v.state)}{reason}")
@@ -301,6 +306,8 @@ def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> 
     add("--model", default="", help="model name (default: the server's default model)")
     add("--version", default=0, type=int, help="model version (default 0: the current one)")
     add("--label", default="", help="version label, e.g. stable")
+    add("--routing-key", default="", help="canary routing key: while a model has a canary, the "
+        "same key always reaches the same version (default: the server draws at random)")
     add("--no-progress", default=False, action="store_true",
         help="no progress bar, even on a terminal")
     add("--tls", default=False, action="store_true", help="use TLS with the system roots")

@@ -121,12 +121,16 @@ def encode_images(images: npt.ArrayLike) -> tuple[bytes, int, int]:
 
 
 def classify_request(
-    images: npt.ArrayLike, *, model: str = "", version: int = 0, label: str = ""
+    images: npt.ArrayLike, *, model: str = "", version: int = 0, label: str = "",
+    routing_key: str = "",
 ) -> pb.ClassifyRequest:
+    """`routing_key`: while the model has a canary, the same key always reaches the same
+    version (empty: the server draws at random)."""
     pixels, encoding, n = encode_images(images)
     return pb.ClassifyRequest(
         pixels=pixels, encoding=encoding, image_count=n,  # type: ignore[arg-type]
         model=model, version=version, version_label=label, packed_output=True,
+        routing_key=routing_key,
     )
 
 
@@ -255,9 +259,11 @@ class ClassifierClient(_Connection):
         model: str = "",
         version: int = 0,
         label: str = "",
+        routing_key: str = "",
         timeout_s: float | None = None,
     ) -> Classification:
-        request = classify_request(images, model=model, version=version, label=label)
+        request = classify_request(images, model=model, version=version, label=label,
+                                   routing_key=routing_key)
         return classification(self._call(self._stub.Classify, request, timeout_s))
 
     def classify_many(
@@ -268,6 +274,7 @@ class ClassifierClient(_Connection):
         model: str = "",
         version: int = 0,
         label: str = "",
+        routing_key: str = "",
         timeout_s: float | None = None,
     ) -> Iterator[Classification]:
         """One Classification per batch, in input order, with up to `concurrency` in flight.
@@ -293,7 +300,8 @@ class ClassifierClient(_Connection):
                         break
                     try:
                         request = classify_request(
-                            batch, model=model, version=version, label=label)
+                            batch, model=model, version=version, label=label,
+                            routing_key=routing_key)
                     except ClientError as e:
                         pending.append(e)  # raised in its turn, after the batches before it
                         continue
@@ -357,9 +365,11 @@ class AsyncClassifierClient(_Connection):
         model: str = "",
         version: int = 0,
         label: str = "",
+        routing_key: str = "",
         timeout_s: float | None = None,
     ) -> Classification:
-        request = classify_request(images, model=model, version=version, label=label)
+        request = classify_request(images, model=model, version=version, label=label,
+                                   routing_key=routing_key)
         return classification(await self._call(self._stub.Classify, request, timeout_s))
 
     async def classify_many(
@@ -370,6 +380,7 @@ class AsyncClassifierClient(_Connection):
         model: str = "",
         version: int = 0,
         label: str = "",
+        routing_key: str = "",
         timeout_s: float | None = None,
     ) -> AsyncIterator[Classification]:
         """ClassifierClient.classify_many for asyncio; `batches` may be an async iterable."""
@@ -387,7 +398,8 @@ class AsyncClassifierClient(_Connection):
                         break
                     try:
                         request = classify_request(
-                            batch, model=model, version=version, label=label)
+                            batch, model=model, version=version, label=label,
+                            routing_key=routing_key)
                     except ClientError as e:
                         pending.append(e)
                         continue

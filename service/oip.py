@@ -13,14 +13,14 @@ docs/oip.md is the user-facing description.
 
 Handlers take the request as bytes and parse it themselves, as the native servicer does: a
 parse failure inside gRPC's deserializer would reach the client as INTERNAL, while a malformed
-request is the caller's error (INVALID_ARGUMENT).
+request is the caller's error (INVALID_ARGUMENT). ModelInfer is the data plane's v2 pipeline
+(service/dataplane/infer.py), on the event loop or, through `fast_methods`, on a front end's
+own thread; this module imports no front end.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -31,8 +31,9 @@ from google.protobuf.message import Message
 
 from service import admin
 from service import oip_codec as tensors
-from service.batching import Batcher, Prediction
+from service.batching import Batcher
 from service.config import Settings
+from service.dataplane import DataPlane, FastMethod, InferPipeline
 from service.errors import (
     FailedPrecondition,
     InvalidInput,
@@ -41,15 +42,17 @@ from service.errors import (
     Unavailable,
     status_of,
 )
-from service.fastpath import Answer, refuse
+from service.images import ImageDecoder
 from service.metrics import Metrics
+from service.oip_config import BatchingConfig, model_config_response
+from service.oip_statistics import statistics_response
 from service.pb.inference import grpc_service_pb2 as pb
 from service.registry import ModelRegistry, VersionState
-from service.transport import CoreServer, FastCall
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+MODEL_INFER_PATH = f"/{SERVICE_NAME}/ModelInfer"
 SERVER_NAME = "mnist-serving"
 EXTENSIONS = ("model_repository",)
 # Triton's words for what a version is doing (RepositoryIndex.state).
@@ -60,16 +63,32 @@ _STATE = {
     VersionState.UNLOADED: "UNAVAILABLE",
 }
 
+@dataclass(frozen=True, slots=True)
+class V2Settings:
+    """What the v2 servicer uses of Settings, and nothing more."""
+
+    max_images_per_request: int
+    repository_name: str  # the one repository RepositoryIndex and friends accept besides ''
+    admin_token: str | None  # None: model control is disabled
+    batching: BatchingConfig  # what ModelConfig reports
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> V2Settings:
+        token = settings.admin_token if settings.admin_enabled and settings.admin_token else None
+        return cls(settings.max_images_per_request, settings.model_dir.name, token,
+                   BatchingConfig.from_settings(settings))
+
+
 # --- admin rules ----------------------------------------------------------------------------
 
 
-def check_admin(settings: Settings, context: grpc.aio.ServicerContext) -> None:
+def check_admin(admin_token: str | None, context: grpc.aio.ServicerContext) -> None:
     """Load/unload change what is served: the native admin API's bearer-token rule."""
-    if not settings.admin_enabled or not settings.admin_token:
+    if admin_token is None:
         raise FailedPrecondition(
             "model control is disabled: start the server with --admin-enabled and --admin-token"
         )
-    admin.authenticate(context, f"Bearer {settings.admin_token}".encode())
+    admin.authenticate(context, f"Bearer {admin_token}".encode())
 
 
 # --- the servicer ---------------------------------------------------------------------------
@@ -91,12 +110,18 @@ class InferenceServicer:
         registry: ModelRegistry,
         batcher: Batcher,
         metrics: Metrics,
-        settings: Settings,
+        settings: V2Settings,
+        images: ImageDecoder | None = None,
     ) -> None:
         self._registry = registry
-        self._batcher = batcher
-        self._metrics = metrics
         self._settings = settings
+        self._metrics = metrics
+        self._plane = DataPlane(batcher, metrics, images)
+        self._infer = InferPipeline(registry, max_images=settings.max_images_per_request,
+                                    images=images)
+        # What the REST front end shares (service/http_api.py).
+        self.plane, self.infer_pipeline = self._plane, self._infer
+        self.batching = settings.batching
         try:
             self._version = importlib_metadata.version(SERVER_NAME)
         except importlib_metadata.PackageNotFoundError:
@@ -128,6 +153,9 @@ class InferenceServicer:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        return self.server_metadata()
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS)
         )
@@ -135,8 +163,12 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        version, label = tensors.parse_version(request.version)
-        sv = self._registry.resolve(request.name, version, label)
+        return self.model_metadata(request.name, request.version)
+
+    def model_metadata(self, name: str, version_text: str) -> pb.ModelMetadataResponse:
+        """Shared with the REST endpoint (service/http_api.py)."""
+        version, label = tensors.parse_version(version_text)
+        sv = self._registry.resolve(name, version, label)
         loaded = [
             v.version
             for m in self._registry.status()
@@ -146,98 +178,39 @@ class InferenceServicer:
         ]
         return tensors.model_metadata(sv, loaded)
 
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        """Triton's model configuration: service/oip_config.py."""
+        return model_config_response(self._registry, self._settings.batching, request)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's per-version statistics, from the metrics' counts: service/oip_statistics.py."""
+        return statistics_response(self._registry, self._metrics.version_statistics(), request)
+
     # --- inference
 
-    async def ModelInfer(
-        self, raw: bytes, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        inflight = self._metrics.inflight if self._metrics.enabled else None
-        if inflight is not None:
-            inflight.inc()
+    async def ModelInfer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Counted by the data plane before the client hears back (abort sends the status at
+        once, so counting after it would race a scrape)."""
         try:
-            return await self._infer(raw, context.time_remaining())
-        except Exception as e:
-            await _abort(context, e)
-        finally:
-            if inflight is not None:
-                inflight.dec()
+            return await self._plane.call(self._infer, raw, context.time_remaining())
+        except Exception as e:  # a bug is already logged by the data plane
+            await context.abort(*status_of(e))
+        raise AssertionError("unreachable: abort raises")
 
-    async def _infer(self, raw: bytes, time_remaining: float | None) -> pb.ModelInferResponse:
-        """One request end to end, counted like the native Classify before the client hears
-        back (abort sends the status at once, so counting after it would race a scrape)."""
-        started = time.perf_counter()
-        images = 0
-        code = grpc.StatusCode.OK
-        job = _Infer()
-        try:
-            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
-            request, x = self._prepare(raw, job)
-            images = int(x.shape[0])
-            prediction = await self._batcher.submit(
-                x, model=request.model_name, version=job.number, label=job.label,
-                deadline_s=time_remaining, wire_bytes=len(raw),
-            )
-            answered = prediction.version
-            job.model, job.version = answered.name, str(answered.version)
-            return job.response(prediction)
-        except BaseException as e:
-            code = (grpc.StatusCode.CANCELLED if isinstance(e, asyncio.CancelledError)
-                    else status_of(e)[0])
-            raise
-        finally:
-            self._metrics.request_done(
-                "ModelInfer", job.model, job.version, code.name, images,
-                time.perf_counter() - started,
-            )
-
-    def _prepare(self, raw: bytes, job: _Infer) -> tuple[pb.ModelInferRequest, tensors.Array]:
-        """Parse and validate completely, filling in `job` as it goes (a failure is counted
-        under the version once that is known; the batch re-resolves a version at its time)."""
-        request = tensors.parse(pb.ModelInferRequest, raw)
-        job.id = request.id
-        job.number, job.label = tensors.parse_version(request.model_version)
-        # Fail fast on a model, version or label not loaded (nothing unknown is queued, nor
-        # names a metric series); a label resolves again at batch time, as in the native API.
-        sv = self._registry.resolve(request.model_name, job.number, job.label)
-        if not job.label:
-            job.model, job.version = sv.name, str(sv.version)
-        job.outputs = tensors.requested_outputs(request)
-        x, job.came_raw = tensors.decode_input(request, self._settings.max_images_per_request)
-        return request, x
-
-    def infer_now(self, call: FastCall, raw: bytes) -> None:
-        """ModelInfer on gRPC core's polling thread, as servicer.classify_now: validate now,
-        queue for the batch, and the `fastpath.Answer` replies. Must not block or raise."""
-        answer = Answer(self._metrics, "ModelInfer", call)
-        job = _Infer()
-        try:
-            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
-            request, x = self._prepare(raw, job)
-            answer.model, answer.version = job.model, job.version
-            answer.images = int(x.shape[0])
-            answer.encode = job.encoded
-            self._batcher.submit_nowait(
-                x, answer, model=request.model_name, version=job.number, label=job.label,
-                deadline_s=call.time_remaining(), wire_bytes=len(raw),
-            )
-        except Exception as e:
-            answer.model, answer.version = job.model, job.version
-            answer.set_exception(e)
-
-    def infer_gate(self, call: FastCall, waited_s: float) -> bool | None:
-        """Before ModelInfer's message is read: while the batcher sheds, wait unread at the
-        door (a bounded time) or be refused (servicer.classify_gate)."""
-        let_in = self._batcher.door(waited_s)
-        if let_in is False:
-            refuse(self._metrics, "ModelInfer", call, self._batcher.refusal(), waited_s)
-        return let_in
+    def fast_methods(self) -> dict[str, FastMethod]:
+        """ModelInfer for a front end with a thread of its own, by method path (server.py)."""
+        return {MODEL_INFER_PATH: self._plane.fast_method(self._infer)}
 
     # --- model-repository extension
 
     def _check_repository(self, name: str) -> None:
-        if name not in ("", self._settings.model_dir.name):
+        if name not in ("", self._settings.repository_name):
             raise NotFound(
-                f"unknown repository {name!r}: expected '' or {self._settings.model_dir.name!r}"
+                f"unknown repository {name!r}: expected '' or {self._settings.repository_name!r}"
             )
 
     async def RepositoryIndex(
@@ -245,24 +218,29 @@ class InferenceServicer:
     ) -> pb.RepositoryIndexResponse:
         self._check_repository(request.repository_name)
         reply = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.repository_entries(request.ready):
+            reply.models.add(name=name, version=version, state=state, reason=reason)
+        return reply
+
+    def repository_entries(self, ready: bool) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) of every version on disk, or only the READY ones;
+        shared with the REST endpoint (service/http_api.py)."""
+        entries = []
         for model in self._registry.status():
             for v in model.versions:
                 state = _STATE.get(v.state, "UNAVAILABLE")
-                if request.ready and state != "READY":
+                if ready and state != "READY":
                     continue
-                reply.models.add(
-                    name=model.name, version=str(v.version), state=state,
-                    # The short reason code: the detail names server paths (the log has it).
-                    reason=v.reason,
-                )
-        return reply
+                # The short reason code: the detail names server paths (the log has it).
+                entries.append((model.name, str(v.version), state, v.reason))
+        return entries
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         """With parameter 'version': load and keep that version. Without: rescan the
         repository now (Triton's 'load or reload') and insist the model then serves."""
-        check_admin(self._settings, context)
+        check_admin(self._settings.admin_token, context)
         self._check_repository(request.repository_name)
         if not request.model_name:
             raise InvalidInput("model_name: expected the name of a model, got ''")
@@ -287,7 +265,7 @@ class InferenceServicer:
     ) -> pb.RepositoryModelUnloadResponse:
         """Unload one version (parameter 'version'). A whole model is never unloaded: the
         registry keeps at least one version of every model on disk serving."""
-        check_admin(self._settings, context)
+        check_admin(self._settings.admin_token, context)
         self._check_repository(request.repository_name)
         version = tensors.version_parameter(request.parameters)
         if not version:
@@ -300,31 +278,6 @@ class InferenceServicer:
 
 
 # --- registration ---------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class _Infer:
-    """What a valid ModelInfer request asks for, kept until its batch answers it."""
-
-    id: str = ""
-    number: int = 0
-    label: str = ""
-    model: str = ""
-    version: str = ""
-    outputs: tuple[str, ...] = ()
-    came_raw: bool = False
-
-    def response(self, prediction: Prediction) -> pb.ModelInferResponse:
-        answered = prediction.version
-        reply = pb.ModelInferResponse(
-            model_name=answered.name, model_version=str(answered.version), id=self.id
-        )
-        tensors.encode_outputs(reply, self.outputs, prediction.probabilities, self.came_raw)
-        return reply
-
-    def encoded(self, prediction: Prediction) -> bytes:
-        message: bytes = self.response(prediction).SerializeToString()
-        return message
-
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
@@ -347,16 +300,23 @@ def add_to_server(
     registry: ModelRegistry,
     batcher: Batcher,
     metrics: Metrics,
-    settings: Settings,
+    settings: V2Settings,
+    images: ImageDecoder | None = None,
 ) -> InferenceServicer:
-    """Serve `inference.GRPCInferenceService` on `server`, the one mnist.v1 is on."""
-    s = InferenceServicer(registry=registry, batcher=batcher, metrics=metrics, settings=settings)
+    """Serve `inference.GRPCInferenceService` on `server`, the one mnist.v1 is on (its fast
+    lane, `fast_methods()` of the servicer returned, is server.py's to plug in)."""
+    s = InferenceServicer(registry=registry, batcher=batcher, metrics=metrics, settings=settings,
+                          images=images)
     unary: dict[str, tuple[Handler, type[Message], type[Message]]] = {
         "ServerLive": (s.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": (s.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
         "ModelReady": (s.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ServerMetadata": (s.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
         "ModelMetadata": (s.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelConfig": (s.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelStatistics": (
+            s.ModelStatistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+        ),
         "RepositoryIndex": (
             s.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
         ),
@@ -375,10 +335,6 @@ def add_to_server(
         )
         for name, (method, request_cls, reply_cls) in unary.items()
     }
-    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        s.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString
-    )
-    if isinstance(server, CoreServer):
-        server.add_fast_method(f"/{SERVICE_NAME}/ModelInfer", s.infer_now, gate=s.infer_gate)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(s.ModelInfer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     return s

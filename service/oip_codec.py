@@ -15,7 +15,7 @@ The model, as ModelMetadata describes it:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -124,17 +124,8 @@ def decode_input(request: pb.ModelInferRequest, max_images: int) -> tuple[Array,
             f"{[t.name for t in request.inputs]}"
         )
     tensor = request.inputs[0]
-    if tensor.name != INPUT_NAME:
-        raise InvalidInput(f"expected an input named {INPUT_NAME!r}, got {tensor.name!r}")
-    dtype = _RAW_DTYPES.get(tensor.datatype)
-    if dtype is None:
-        raise InvalidInput(
-            f"input {INPUT_NAME!r}: expected datatype FP32 or UINT8, got {tensor.datatype!r}"
-        )
-    n = _images_in(tensor.shape, max_images)
-    count = n * INPUT_SIZE
+    n = check_input(tensor.name, tensor.datatype, tensor.shape, max_images)
     raw = len(request.raw_input_contents) > 0
-    values: npt.NDArray[Any]
     if raw:
         if len(request.raw_input_contents) != 1:
             raise InvalidInput(
@@ -147,25 +138,55 @@ def decode_input(request: pb.ModelInferRequest, max_images: int) -> tuple[Array,
                 "expected them in one"
             )
         data = request.raw_input_contents[0]
-        if len(data) != count * dtype.itemsize:
-            raise InvalidInput(
-                f"input {INPUT_NAME!r}: expected {count * dtype.itemsize} bytes for shape "
-                f"{_shape_text(tensor.shape)} {tensor.datatype}, got {len(data)}"
-            )
-        values = np.frombuffer(data, dtype=dtype)
-    else:
-        values = _typed_values(tensor)
-        if values.size != count:
-            raise InvalidInput(
-                f"input {INPUT_NAME!r}: expected {count} values for shape "
-                f"{_shape_text(tensor.shape)}, got {values.size}"
-            )
-    if tensor.datatype == "UINT8":
-        return pixels_to_input(values), raw
+        return rows_from_bytes(tensor.datatype, tensor.shape, n, data), raw
+    return rows_from_values(tensor.datatype, tensor.shape, n, _typed_values(tensor)), raw
+
+
+def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int) -> int:
+    """The number of images N in the one input, after its name, datatype and shape rules;
+    shared by every transport (gRPC here, REST in service/http_codec.py)."""
+    if name != INPUT_NAME:
+        raise InvalidInput(f"expected an input named {INPUT_NAME!r}, got {name!r}")
+    if datatype not in _RAW_DTYPES:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: expected datatype FP32 or UINT8, got {datatype!r}"
+        )
+    return _images_in(shape, max_images)
+
+
+def rows_from_bytes(
+    datatype: str, shape: Sequence[int], n: int, data: bytes | memoryview
+) -> Array:
+    """Rows from the input's raw little-endian bytes (checked by `check_input`)."""
+    dtype = _RAW_DTYPES[datatype]
+    count = n * INPUT_SIZE
+    if len(data) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: expected {count * dtype.itemsize} bytes for shape "
+            f"{_shape_text(shape)} {datatype}, got {len(data)}"
+        )
+    return _rows(datatype, n, np.frombuffer(data, dtype=dtype))
+
+
+def rows_from_values(
+    datatype: str, shape: Sequence[int], n: int, values: npt.NDArray[Any]
+) -> Array:
+    """Rows from the input's typed values (float32 for FP32, uint8 for UINT8), flat."""
+    count = n * INPUT_SIZE
+    if values.size != count:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: expected {count} values for shape "
+            f"{_shape_text(shape)}, got {values.size}"
+        )
+    return _rows(datatype, n, values)
+
+
+def _rows(datatype: str, n: int, values: npt.NDArray[Any]) -> Array:
+    if datatype == "UINT8":
+        return pixels_to_input(values)
     x: Array = values.reshape(n, INPUT_SIZE)
     codec.check_unit_range(x)
-    return x, raw
-
+    return x
 
 
 # --- replies out ----------------------------------------------------------------------------
@@ -186,27 +207,43 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     return tuple(names)
 
 
+class OutputTensor(NamedTuple):
+    """One output as any wire encodes it: v2 name, datatype, shape and values."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    values: npt.NDArray[Any]
+
+
+def output_tensors(names: Sequence[str], probabilities: Array) -> list[OutputTensor]:
+    """The outputs asked for (`requested_outputs`), in that order: the one definition of what
+    each output is, shared by the gRPC encoder below and any other wire's (HTTP JSON)."""
+    n = probabilities.shape[0]
+    out: list[OutputTensor] = []
+    for name in names:
+        if name == PROBABILITIES:
+            out.append(OutputTensor(name, "FP32", (n, NUM_CLASSES), probabilities))
+        else:
+            out.append(OutputTensor(name, "INT64", (n,), probabilities.argmax(axis=1)))
+    return out
+
+
 def encode_outputs(
     reply: pb.ModelInferResponse, names: Sequence[str], probabilities: Array, raw: bool
 ) -> None:
-    n = probabilities.shape[0]
-    for name in names:
-        tensor = reply.outputs.add(name=name)
-        if name == PROBABILITIES:
-            tensor.datatype = "FP32"
-            tensor.shape.extend((n, NUM_CLASSES))
+    for output in output_tensors(names, probabilities):
+        tensor = reply.outputs.add(name=output.name, datatype=output.datatype)
+        tensor.shape.extend(output.shape)
+        if output.datatype == "FP32":
             if raw:
-                reply.raw_output_contents.append(probabilities.astype("<f4", copy=False).tobytes())
+                reply.raw_output_contents.append(output.values.astype("<f4", copy=False).tobytes())
             else:
-                tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
+                tensor.contents.fp32_contents.extend(output.values.ravel().tolist())
+        elif raw:
+            reply.raw_output_contents.append(np.asarray(output.values, "<i8").tobytes())
         else:
-            classes = probabilities.argmax(axis=1)
-            tensor.datatype = "INT64"
-            tensor.shape.append(n)
-            if raw:
-                reply.raw_output_contents.append(np.asarray(classes, "<i8").tobytes())
-            else:
-                tensor.contents.int64_contents.extend(classes.tolist())
+            tensor.contents.int64_contents.extend(output.values.tolist())
 
 
 def model_metadata(sv: ServableVersion, loaded: Sequence[int]) -> pb.ModelMetadataResponse:

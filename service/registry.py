@@ -32,6 +32,8 @@ from service import repository
 from service.errors import InvalidInput, NotFound, Unavailable
 from service.loading import DEFAULT_LOAD_POLICY, Loader, LoadPolicy
 from service.metrics import Metrics, RegistryMetrics
+from service.promotion import routing
+from service.promotion.metrics import promotion_metrics
 from service.registry_admin import AdminOps
 from service.registry_events import (
     CurrentChanged,
@@ -88,6 +90,7 @@ class ModelRegistry(AdminOps):
         )
         if metrics is not None:
             self.subscribe(RegistryMetrics(metrics))
+            self.subscribe(promotion_metrics(metrics.registry).on_event)
         self._interval = rescan_interval_s
         self._default_model = default_model
         self._task: asyncio.Task[None] | None = None
@@ -158,8 +161,47 @@ class ModelRegistry(AdminOps):
             raise Unavailable("no model is loaded yet")
         raise NotFound(f"several models are served ({sorted(snap.current)}): name one")
 
-    def resolve(self, model: str = "", version: int = 0, label: str = "") -> ServableVersion:
-        """The version that answers a request: a number, else a label, else the current one."""
+    def route(self, model: str = "", version: int = 0, label: str = "", key: str = "") -> int:
+        """The version number to queue a request under, chosen once at admission: `version`
+        when it names one (or a label: resolved at batch time), the canary's number when the
+        model has a canary and the routing key (or, without one, a random draw) picks it,
+        else 0 (the current version at batch time). Never raises: resolve() validates."""
+        if version or label:
+            return version
+        snap = self._snapshot
+        if not snap.canaries:
+            return 0
+        try:
+            name = model or self.default_model()
+        except Exception:
+            return 0
+        canary = snap.canaries.get(name)
+        if canary is None or not routing.to_canary(canary, key):
+            return 0
+        return canary.version
+
+    def shadow_of(self, model: str) -> ServableVersion | None:
+        """The version getting a copy of `model`'s live traffic, if any (one reference read)."""
+        return self._snapshot.shadows.get(model)
+
+    def canary_of(self, model: str) -> routing.Canary | None:
+        return self._snapshot.canaries.get(model)
+
+    def current_of(self, model: str) -> ServableVersion | None:
+        snap = self._snapshot
+        v = snap.current.get(model)
+        return snap.servable[model][v] if v is not None else None
+
+    def resolve(self, model: str = "", version: int = 0, label: str = "",
+                key: str | None = None) -> ServableVersion:
+        """The version that answers a request: a number, else a label, else the current one.
+
+        With a routing `key` ("" for a random draw) a request naming neither may get the
+        canary instead (`route`). Without one (None: the batcher's re-resolve at batch time)
+        no canary is drawn: the choice is made once, at admission, by `route`.
+        """
+        if key is not None:
+            version = self.route(model, version, label, key)
         snap = self._snapshot
         name = model or self.default_model()
         versions = snap.servable.get(name)

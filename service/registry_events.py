@@ -37,6 +37,17 @@ class VersionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class VersionRejected:
+    """A version loaded but failed its model's quality gate (`reason` "gate", or
+    "gate_invalid" when the gate itself is unusable); `detail` holds the measured figures."""
+
+    model: str
+    version: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class VersionUnloaded:
     """A version left the served set (its references drain with the last batch holding it)."""
 
@@ -54,6 +65,16 @@ class CurrentChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class TrafficChanged:
+    """A model's canary or shadow changed (0: none): metrics show the share being steered."""
+
+    model: str
+    canary_version: int
+    canary_percent: float
+    shadow_version: int
+
+
+@dataclass(frozen=True, slots=True)
 class NameRefused:
     """A repository entry that cannot be a version ('version_name') or a model ('model_name').
 
@@ -64,7 +85,10 @@ class NameRefused:
     reason: str
 
 
-RegistryEvent = VersionLoaded | VersionFailed | VersionUnloaded | CurrentChanged | NameRefused
+RegistryEvent = (
+    VersionLoaded | VersionFailed | VersionRejected | VersionUnloaded | CurrentChanged
+    | NameRefused | TrafficChanged
+)
 Listener = Callable[[RegistryEvent], None]
 
 

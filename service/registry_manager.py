@@ -23,13 +23,18 @@ from pathlib import Path
 from types import MappingProxyType
 
 from service import repository
-from service.loading import Loader, LoadPolicy, Loads
+from service.loading import Key, Loader, LoadPolicy, Loads
+from service.model import Model
+from service.promotion import gate as gates
+from service.promotion.routing import Canary
 from service.registry_events import (
     CurrentChanged,
     EventBus,
     Listener,
     NameRefused,
+    TrafficChanged,
     VersionLoaded,
+    VersionRejected,
     VersionUnloaded,
 )
 from service.registry_plan import ModelView, Override, plan
@@ -47,9 +52,27 @@ class _Snapshot:
     servable: Mapping[str, Mapping[int, ServableVersion]]
     current: Mapping[str, int]
     labels: Mapping[str, Mapping[str, int]]
+    # Canaries and shadows whose version is in `servable` (service.promotion.routing).
+    canaries: Mapping[str, Canary]
+    shadows: Mapping[str, ServableVersion]
 
 
-_EMPTY = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A version that loaded but may not serve: its gate said no (`reason` "gate") or its
+    gate is unusable ("gate_invalid"). Held until its files or the gate's files change, or
+    an admin forces it; it stays on disk."""
+
+    signature: Signature
+    gate: gates.GateSignature | None
+    reason: str
+    detail: str
+
+
+# A model's gate as last read: its files' identity and the gate, the error, or None (none).
+_GateEntry = tuple[gates.GateSignature | None, gates.Gate | gates.GateError | None]
+
+_EMPTY = _Snapshot(*(MappingProxyType({}) for _ in range(5)))
 
 
 def _signatures(name: str, on_disk: Mapping[int, Path]) -> dict[tuple[str, int], Signature]:
@@ -87,6 +110,12 @@ class VersionManager:
         self._admin_loaded: set[tuple[str, int]] = set()
         self._admin_unloaded: set[tuple[str, int]] = set()
         self._overrides: dict[str, Override] = {}
+        self._gates: dict[str, _GateEntry] = {}
+        self._rejected: dict[Key, Rejection] = {}
+        self._forced: dict[Key, str] = {}  # promoted past the gate by an admin: why it failed
+        self._canaries: dict[str, Canary] = {}
+        self._shadows: dict[str, int] = {}
+        self._notes: dict[str, str] = {}  # the last rollout event per model, for status
         self._scan_lock = asyncio.Lock()
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -124,6 +153,8 @@ class VersionManager:
         for name in sorted(set(disk) | set(old.servable)):
             loaded = old.servable.get(name, {})
             try:
+                if name in disk:
+                    await self._refresh_gate(name)
                 kept, chosen = await self._settle(name, disk.get(name, {}), loaded)
             except Exception:  # a bug met by one model must not stop the others
                 log.exception("model %s: scan failed; keeping what it served", name)
@@ -137,8 +168,21 @@ class VersionManager:
             )
         # Forget failures of directories that are gone: a new one with that number is new.
         self._loads.forget(lambda key: key[1] in disk.get(key[0], {}))
+        for key in [k for k in self._rejected if k[1] not in disk.get(k[0], {})]:
+            del self._rejected[key]
+        for key in [k for k in self._forced if k[1] not in disk.get(k[0], {})]:
+            del self._forced[key]
+        canaries = {
+            name: c for name, c in self._canaries.items()
+            if c.version in servable.get(name, {}) and c.version != current.get(name)
+        }
+        shadows = {
+            name: servable[name][v] for name, v in self._shadows.items()
+            if v in servable.get(name, {}) and v != current.get(name)
+        }
         new = _Snapshot(
-            MappingProxyType(servable), MappingProxyType(current), MappingProxyType(labels)
+            MappingProxyType(servable), MappingProxyType(current), MappingProxyType(labels),
+            MappingProxyType(canaries), MappingProxyType(shadows),
         )
         self._snapshot = new  # the swap: one reference assignment
         self._publish_changes(old, new)
@@ -152,6 +196,12 @@ class VersionManager:
             admin_loaded=frozenset(v for (n, v) in self._admin_loaded if n == name),
             admin_unloaded=frozenset(v for (n, v) in self._admin_unloaded if n == name),
             override=self._overrides.get(name),
+            steered=frozenset(
+                v for v in (
+                    self._canaries[name].version if name in self._canaries else 0,
+                    self._shadows.get(name, 0),
+                ) if v
+            ),
         )
 
     async def _settle(
@@ -173,7 +223,8 @@ class VersionManager:
             blocked = {
                 v for v in on_disk
                 if v not in ready
-                and (v in tried or not self._loads.due((name, v), sigs[(name, v)]))
+                and (v in tried or not self._loads.due((name, v), sigs[(name, v)])
+                     or self._held((name, v), sigs[(name, v)]))
             }
             step = plan(replace(
                 base, loaded=frozenset(work), ready=frozenset(ready), blocked=frozenset(blocked)
@@ -185,7 +236,7 @@ class VersionManager:
                 # The files' identity right before reading them, as a load compares it with
                 # the identity after to tell files that changed mid-read.
                 sig = await asyncio.to_thread(repository.signature, on_disk[v])
-                sv = await self._load(name, v, on_disk[v], sig)
+                sv = await self._load(name, v, on_disk[v], sig, loaded)
                 if sv is not None:
                     work[v], ready = sv, ready | {v}
         if step.override_dropped == "gone":
@@ -199,18 +250,104 @@ class VersionManager:
         return {v: work[v] for v in step.keep}, step.current
 
     async def _load(
-        self, name: str, version: int, path: Path, sig: Signature
+        self, name: str, version: int, path: Path, sig: Signature,
+        loaded: Mapping[int, ServableVersion],
     ) -> ServableVersion | None:
         key = (name, version)
         start = time.perf_counter()
         model = await self._loads.load(key, path, sig)
         if model is None:
             return None
+        current = self._snapshot.current.get(name)
+        baseline = loaded.get(current) if current is not None else None
+        if not await self._passes_gate(key, model, sig, baseline):
+            return None
         elapsed = time.perf_counter() - start
         self._signatures[key] = sig
         self._events.publish(VersionLoaded(name, version, elapsed))
         log.info("model %s version %d loaded in %.3f s", name, version, elapsed)
         return ServableVersion(name, version, model, path, time.time())
+
+    # --- the quality gate (service.promotion.gate)
+
+    async def _refresh_gate(self, name: str) -> None:
+        """Read the model's gate again if its files changed (hot reload, off the loop)."""
+        sig = await asyncio.to_thread(gates.signature, self._dir / name)
+        entry = self._gates.get(name)
+        if entry is not None and entry[0] == sig:
+            return
+        gate: gates.Gate | gates.GateError | None = None
+        if sig is not None:
+            try:
+                gate = await asyncio.to_thread(gates.load_gate, self._dir / name)
+                log.info("model %s: quality gate loaded (%d images, min_accuracy %.4f, "
+                         "max_drop %s)", name, gate.images.shape[0], gate.min_accuracy,
+                         gate.max_drop)
+            except gates.GateError as e:
+                gate = e
+                log.error("model %s: quality gate unusable, new versions are held until it "
+                          "is fixed: %s", name, e)
+        elif entry is not None:
+            log.info("model %s: quality gate removed", name)
+        self._gates[name] = (sig, gate)
+
+    def _gate_sig(self, name: str) -> gates.GateSignature | None:
+        entry = self._gates.get(name)
+        return entry[0] if entry is not None else None
+
+    def _held(self, key: Key, sig: Signature) -> bool:
+        """Rejected by the gate, and neither its files nor the gate's changed since."""
+        r = self._rejected.get(key)
+        return r is not None and r.signature == sig and r.gate == self._gate_sig(key[0])
+
+    async def _passes_gate(
+        self, key: Key, model: Model, sig: Signature, baseline: ServableVersion | None
+    ) -> bool:
+        """Evaluate a freshly loaded version off the event loop; record a rejection.
+
+        A broken gate holds every new version while the model serves one (fail closed, keep
+        serving); with nothing serving yet (a cold start) the version loads, loudly, rather
+        than the model staying down because of its gate.
+        """
+        name, version = key
+        entry = self._gates.get(name)
+        gate = entry[1] if entry is not None else None
+        self._rejected.pop(key, None)
+        if gate is None:
+            return True
+        if key in self._forced:
+            log.warning("model %s version %d: gate skipped, promoted by an admin (forced): %s",
+                        name, version, self._forced[key])
+            return True
+        if isinstance(gate, gates.GateError):
+            if baseline is None:
+                log.error("model %s version %d loaded without its gate (nothing serves yet "
+                          "and the gate is unusable: %s)", name, version, gate)
+                return True
+            self._reject(key, sig, "gate_invalid",
+                         f"the model's gate is unusable, new versions are held: {gate}")
+            return False
+        try:
+            verdict = await asyncio.to_thread(
+                gates.judge, model, gate, baseline.model if baseline else None,
+                baseline.version if baseline else 0,
+            )
+        except Exception as e:  # a forward that fails on the gate fails the version alone
+            log.exception("model %s version %d: gate evaluation failed", name, version)
+            self._reject(key, sig, "gate", f"evaluation failed: {type(e).__name__}")
+            return False
+        if verdict.passed:
+            log.info("model %s version %d passed its gate: %s", name, version, verdict.detail)
+            return True
+        self._reject(key, sig, "gate", verdict.detail)
+        return False
+
+    def _reject(self, key: Key, sig: Signature, reason: str, detail: str) -> None:
+        name, version = key
+        self._rejected[key] = Rejection(sig, self._gate_sig(name), reason, detail)
+        log.warning("model %s version %d REJECTED by its gate (%s): %s; it stays on disk, "
+                    "the current version keeps serving", name, version, reason, detail)
+        self._events.publish(VersionRejected(name, version, reason, detail))
 
     def _publish_changes(self, old: _Snapshot, new: _Snapshot) -> None:
         for name, versions in old.servable.items():
@@ -222,6 +359,14 @@ class VersionManager:
                     self._signatures.pop((name, v), None)
                     self._events.publish(VersionUnloaded(name, v))
                     log.info("model %s version %d unloaded", name, v)
+        for name in sorted(set(old.canaries) | set(new.canaries) | set(old.shadows)
+                           | set(new.shadows)):
+            c, sh = new.canaries.get(name), new.shadows.get(name)
+            if (old.canaries.get(name), old.shadows.get(name)) != (c, sh):
+                self._events.publish(TrafficChanged(
+                    name, c.version if c else 0, c.percent if c else 0.0,
+                    sh.version if sh else 0,
+                ))
         for name in sorted(set(old.current) | set(new.current)):
             before, after = old.current.get(name), new.current.get(name)
             if before != after:

@@ -12,7 +12,7 @@ Rules, kept exactly as the registry applied them before this module existed:
   (a newest version that fails makes room for the next one down);
   'specific:a,b': those of a, b that are on disk, not admin-unloaded and can load;
 - pinned (loaded whatever the policy): admin LoadVersion, a label's target, the version of an
-  admin SetCurrentVersion override, when on disk and loadable;
+  admin SetCurrentVersion override, a canary or shadow version, when on disk and loadable;
 - while anything is left to load, every loaded version stays (nothing is unloaded);
 - settled with nothing wanted loadable: keep serving the loaded versions whose directory is
   still there (they were valid when loaded) rather than nothing;
@@ -54,6 +54,8 @@ class ModelView:
     admin_loaded: frozenset[int] = frozenset()
     admin_unloaded: frozenset[int] = frozenset()
     override: Override | None = None
+    # Kept loaded whatever the policy while traffic is steered to them: a canary, a shadow.
+    steered: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,7 @@ def aspired(view: ModelView) -> list[int]:
             break
         if v in usable:
             by_policy.append(v)
-    pinned = set(view.admin_loaded) | set(view.labels.values())
+    pinned = set(view.admin_loaded) | set(view.labels.values()) | set(view.steered)
     if view.override is not None:
         pinned.add(view.override.version)
     return by_policy + sorted(pinned & usable - set(by_policy))

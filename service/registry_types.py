@@ -19,6 +19,9 @@ class VersionState(enum.Enum):
     AVAILABLE = "AVAILABLE"
     FAILED = "FAILED"
     UNLOADED = "UNLOADED"
+    # Loaded and validated, but its model's quality gate said no: never served unless an
+    # admin promotes it anyway (then AVAILABLE with reason "forced").
+    REJECTED = "REJECTED"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -57,3 +60,9 @@ class ModelStatus:
     policy: str = "latest"
     # True while an admin SetCurrentVersion overrides the policy's choice.
     current_pinned: bool = False
+    # Traffic steering (service.promotion.routing): 0 / 0.0 when there is none.
+    canary_version: int = 0
+    canary_percent: float = 0.0
+    shadow_version: int = 0
+    # The last promotion event worth an operator's eye (a rollback and why).
+    rollout_note: str = ""

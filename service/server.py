@@ -1,16 +1,18 @@
-"""Wiring in one place: Settings -> Metrics -> ModelRegistry -> Batcher -> servicers + health.
+"""The server's lifecycle as an object: build its parts, start them, stop them, in that order.
 
-`start_server` is what tests and other modules use (returns once listening); `serve` is the
-process entry point (runs until SIGTERM/SIGINT, drains, exits 0; exits 70 with `event=fatal`
-if the gRPC server ends without having been asked to, see service/fatal.py). With
-`--workers N > 1`, `serve` becomes a small supervisor (service/supervisor.py) of N
-single-worker processes that share the port through SO_REUSEPORT.
+`Server(settings)` builds (no I/O); `await start()` loads the repository and listens;
+`await stop(grace_s)` undoes it in reverse. `start_server` is what tests and other modules
+use (returns once listening); `serve` is the process entry point (runs until SIGTERM/SIGINT,
+drains, exits 0; exits 70 with `event=fatal` if the gRPC server ends without having been asked
+to, see service/fatal.py). With `--workers N > 1`, `serve` becomes a small supervisor
+(service/supervisor.py) of N single-worker processes that share the port through SO_REUSEPORT.
 
-Server model (docs/serving.md, "The core front end"): by default a `transport.CoreServer`,
-which answers Classify on one thread polling gRPC core's completion queue (batched when the
-queue of completions runs dry) and runs every other RPC as a grpc.aio-style handler on the
-event loop, once service/selftest.py has proven it on the installed grpcio; `--frontend aio`
-(or a failed self-test) serves everything through grpc.aio instead, at ~0.6 of the rate.
+Front ends (docs/architecture.md): the servicers and the data plane import none; this module
+picks one (service/frontends/grpc_frontend.py) and plugs the data plane's fast lanes into it.
+By default the completion-queue front end (service/frontends/core.py), which answers Classify
+and ModelInfer on one thread polling gRPC core's completion queue and every other RPC on the
+event loop, once service/frontends/selftest.py has proven it on the installed grpcio;
+`--frontend aio` (or a failed self-test) serves everything through grpc.aio, at ~0.6 the rate.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -31,16 +32,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import admin, oip, selftest
+from service import admin, http_frontend, oip
 from service import servicer as classifier
 from service.batching import Batcher
 from service.config import Settings
 from service.fatal import die
+from service.frontends import grpc_frontend, selftest
+from service.images import ImageDecoder
 from service.malformed import Registrar, enable_reflection
 from service.metrics import Metrics, start_exporter
+from service.promotion.monitor import PromotionMonitor, promotion_monitor
 from service.registry import CurrentChanged, ModelRegistry, RegistryEvent
 from service.supervisor import die_with_supervisor, supervise
-from service.transport import CoreServer
 
 log = logging.getLogger("service.server")
 
@@ -50,21 +53,208 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 GC_THRESHOLD = 10_000
 
 
-@dataclass(eq=False)
-class RunningServer:
-    """A started server and its parts; `await stop()` undoes `start_server`."""
+class _Health:
+    """The standard health service, following the registry: NOT_SERVING until a version is
+    current, SERVING after; frozen once the server starts stopping."""
 
-    grpc_server: grpc.aio.Server
-    port: int
-    registry: ModelRegistry
-    batcher: Batcher
-    metrics: Metrics
-    health: health.aio.HealthServicer
-    metrics_port: int | None = None
-    admin: admin.AdminEndpoint | None = None
-    frontend: str = "aio"  # what serves: "core" or "aio" (after the self-test's verdict)
-    _stopping: bool = False
-    _closers: list[Any] = field(default_factory=list)
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._registry = registry
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def update(self) -> None:
+        if self._stopping:
+            return
+        status = SERVING if self._registry.ready else NOT_SERVING
+        for name in ("", classifier.SERVICE_NAME):
+            await self.servicer.set(name, status)
+
+    def on_registry_event(self, event: RegistryEvent) -> None:
+        if not isinstance(event, CurrentChanged):  # readiness moves only with a current version
+            return
+        task = asyncio.get_running_loop().create_task(self.update())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._stopping = True
+        await self.servicer.enter_graceful_shutdown()
+
+
+def _server_options(settings: Settings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Port sharing only when asked: otherwise a second server on the port is an error.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        # Small HTTP/2 stream windows (no bandwidth-delay probing, 8 KiB ahead): a caller may
+        # send only that much before the server reads its message, so a call refused at the
+        # door costs ~8 KiB of reading, not the whole message, and N waiting callers hold
+        # ~N x 8 KiB in gRPC core, not N messages (docs/serving.md, "Overload").
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 8192),
+    ]
+
+
+async def _choose_frontend(settings: Settings, registry: ModelRegistry) -> str:
+    """'core' only when asked for and proven on this grpcio by the self-test."""
+    if settings.frontend != grpc_frontend.CORE:
+        return settings.frontend
+    problem = await selftest.core_frontend_problem(
+        registry, options=_server_options(settings), max_batch_rows=settings.max_batch_rows,
+        max_queue_rows=settings.max_queue_rows, broken=settings.fault_injection == "selftest",
+    )
+    if problem is not None:
+        log.warning("event=frontend_fallback frontend=aio grpcio=%s reason=%r",
+                    grpc.__version__, problem)
+        return grpc_frontend.AIO
+    log.info("event=frontend_selftest result=ok frontend=core grpcio=%s", grpc.__version__)
+    return grpc_frontend.CORE
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+class Server:
+    """One serving process's parts and their order.
+
+    Built in the constructor (no I/O): metrics -> registry -> batcher -> health.
+    `start()`: the metrics exporter, health NOT_SERVING, load the repository, choose and build
+    the front end, register the servicers and plug their fast lanes, the batcher, listen.
+    `stop()`: health NOT_SERVING, the front end drains, the admin endpoint, the batcher
+    finishes what is queued, the registry, the exporter: the reverse, each part stopping
+    only once nothing above it can hand it more work."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self._settings = settings
+        if metrics is None:
+            metrics = (Metrics(CollectorRegistry()) if settings.metrics_enabled
+                       else Metrics.disabled())
+        self.metrics = metrics
+        self.registry = ModelRegistry(
+            settings.model_dir,
+            metrics,
+            rescan_interval_s=settings.rescan_interval_s,
+            default_model=settings.default_model,
+            version_policy=settings.version_policy,
+            version_labels=settings.version_labels,
+        )
+        self.batcher = Batcher(
+            self.registry,
+            metrics,
+            max_batch_rows=settings.max_batch_rows,
+            max_batch_wait_s=settings.max_batch_wait_s,
+            max_queue_rows=settings.max_queue_rows,
+            max_queue_bytes=settings.max_queue_bytes,
+            max_door_wait_s=settings.max_door_wait_s,
+            enabled=settings.batching,
+            inline_max_rows=settings.inline_forward_max_rows,
+        )
+        self._health = _Health(self.registry)
+        self.registry.subscribe(self._health.on_registry_event)  # health follows the registry
+        self.health = self._health.servicer
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.admin: admin.AdminEndpoint | None = None
+        self.frontend = ""  # what serves once started: "core" or "aio" (after the self-test)
+        self._grpc_server: grpc.aio.Server | None = None
+        self.http: http_frontend.HttpFrontend | None = None  # the REST front end, if any
+        self._v2: oip.InferenceServicer | None = None
+        self.images: ImageDecoder | None = None  # built by start(): it needs the loop
+        self._monitor: PromotionMonitor | None = None  # likewise
+        self._stop_exporter: Any = None
+        self._stopping = False
+
+    @property
+    def grpc_server(self) -> grpc.aio.Server:
+        if self._grpc_server is None:
+            raise RuntimeError("the server is not started")
+        return self._grpc_server
+
+    async def start(self) -> None:
+        settings, metrics, registry = self._settings, self.metrics, self.registry
+        # None under --workers: the supervisor exports every worker's values (metrics.py).
+        if metrics.enabled:
+            exporter = start_exporter(settings, metrics)
+            if exporter is not None:
+                self.metrics_port = exporter.port
+                self._stop_exporter = exporter.stop
+        self._monitor = promotion_monitor(registry, metrics, settings)  # canary, shadow
+        self.batcher.add_forward_observer(self._monitor.observe)
+        self.images = ImageDecoder(settings, metrics)  # decoder processes for encoded images
+        self.images.bind(asyncio.get_running_loop())
+        await self._health.update()  # NOT_SERVING until a model is loaded
+        await registry.start()
+        await self._health.update()
+        self.frontend = await _choose_frontend(settings, registry)
+        metrics.set_frontend(self.frontend)
+        server = self._grpc_server = grpc_frontend.build(self.frontend,
+                                                         _server_options(settings))
+        credentials = _credentials(settings)
+        services = self._register(server, credentials)
+        services.append(reflection.SERVICE_NAME)
+        enable_reflection(services, server)
+        await self.batcher.start()
+        if settings.http_port:  # the KServe v2 REST front end, on the same loop and batcher
+            self.http = await http_frontend.start(
+                settings, registry=registry, batcher=self.batcher, metrics=metrics,
+                servicer=self._v2,
+            )
+
+        address = f"{settings.host}:{settings.port}"
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.port = port
+        await server.start()
+        if self.admin is not None:
+            await self.admin.start()
+        log.info("event=listening address=%s port=%d tls=%s frontend=%s batching=%s "
+                 "models=%s pid=%d", settings.host, port, credentials is not None,
+                 self.frontend, settings.batching, [s.name for s in registry.status()],
+                 os.getpid())
+
+    def _register(self, server: grpc.aio.Server,
+                  credentials: grpc.ServerCredentials | None) -> list[str]:
+        """The servicers on `server`, their fast lanes plugged into it; the service names."""
+        settings, metrics, registry, batcher = (self._settings, self.metrics, self.registry,
+                                                self.batcher)
+        native = classifier.ClassifierServicer(
+            registry, batcher, metrics, max_images=settings.max_images_per_request,
+            images=self.images,
+        )
+        classifier.add_to_server(native, server)
+        # Health and reflection parse requests with grpcio's deserializers; through the
+        # Registrar a malformed one is INVALID_ARGUMENT on either front end (malformed.py).
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, Registrar(server))
+        services = [classifier.SERVICE_NAME, health.SERVICE_NAME]
+        # --- other servicers register here (each helper adds its own line):
+        self.admin = admin.add_to_server(
+            server, registry, settings, metrics=metrics, credentials=credentials
+        )
+        if self.admin is not None and self.admin.server is None:
+            services.append(admin.SERVICE_NAME)
+        v2 = self._v2 = oip.add_to_server(
+            server, registry=registry, batcher=batcher, metrics=metrics,
+            settings=oip.V2Settings.from_settings(settings), images=self.images,
+        )
+        services.append(oip.SERVICE_NAME)
+        # --- end of servicer registrations
+        grpc_frontend.plug_fast_lanes(server, {**native.fast_methods(), **v2.fast_methods()},
+                                      [batcher.run_queued])
+        return services
+
+    async def unready(self) -> None:
+        """Health NOT_SERVING for good (draining starts): checkers move traffic away."""
+        await self._health.enter_graceful_shutdown()
 
     async def stop(self, grace_s: float | None = 5.0) -> None:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace_s`."""
@@ -72,14 +262,21 @@ class RunningServer:
             return
         self._stopping = True
         log.info("event=stopping grace_s=%s", grace_s)
-        await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace_s)
+        await self.unready()
+        draining = [] if self._grpc_server is None else [self._grpc_server.stop(grace_s)]
+        if self.http is not None:  # HTTP drains alongside gRPC: both end within grace_s
+            draining.append(self.http.stop(grace_s))
+        await asyncio.gather(*draining)
         if self.admin is not None:
             await self.admin.stop(grace_s)
         await self.batcher.close()
+        if self.images is not None:
+            self.images.close()
+        if self._monitor is not None:
+            self._monitor.close()
         await self.registry.close()
-        for close in self._closers:
-            close()
+        if self._stop_exporter is not None:
+            self._stop_exporter()
         log.info("event=stopped")
 
     async def died(self) -> str:
@@ -103,156 +300,15 @@ class RunningServer:
         return f"{'+'.join(names)}_server_terminated frontend={self.frontend} ({what})"
 
 
-def _server_options(settings: Settings) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Port sharing only when asked: otherwise a second server on the port is an error.
-        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-        # Small HTTP/2 stream windows (no bandwidth-delay probing, 8 KiB ahead): a caller may
-        # send only that much before the server reads its message, so a call refused at the
-        # door costs ~8 KiB of reading, not the whole message, and N waiting callers hold
-        # ~N x 8 KiB in gRPC core, not N messages (docs/serving.md, "Overload").
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", 8192),
-    ]
+# What start_server returns; tests and tools name it so.
+RunningServer = Server
 
 
-async def _choose_frontend(settings: Settings, registry: ModelRegistry) -> str:
-    """'core' only when asked for and proven on this grpcio by service/selftest.py."""
-    if settings.frontend != "core":
-        return settings.frontend
-    problem = await selftest.core_frontend_problem(
-        settings, registry, options=_server_options(settings)
-    )
-    if problem is not None:
-        log.warning("event=frontend_fallback frontend=aio grpcio=%s reason=%r",
-                    grpc.__version__, problem)
-        return "aio"
-    log.info("event=frontend_selftest result=ok frontend=core grpcio=%s", grpc.__version__)
-    return "core"
-
-
-def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
-    ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca,
-                                       require_client_auth=ca is not None)
-
-
-async def start_server(settings: Settings, *, metrics: Metrics | None = None) -> RunningServer:
+async def start_server(settings: Settings, *, metrics: Metrics | None = None) -> Server:
     """Build everything from `settings`, load what the repository holds, listen; return."""
-    closers: list[Any] = []
-    metrics_port: int | None = None
-    if metrics is None:
-        metrics = Metrics(CollectorRegistry()) if settings.metrics_enabled else Metrics.disabled()
-    # None under --workers: the supervisor exports every worker's values (service/metrics.py).
-    if metrics.enabled:
-        exporter = start_exporter(settings, metrics)
-        if exporter is not None:
-            metrics_port = exporter.port
-            closers.append(exporter.stop)
-
-    health_servicer = health.aio.HealthServicer()
-    state = {"stopping": False}
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def update_health() -> None:
-        if state["stopping"]:
-            return
-        status = SERVING if registry.ready else NOT_SERVING
-        for name in ("", classifier.SERVICE_NAME):
-            await health_servicer.set(name, status)
-
-    def on_registry_event(event: RegistryEvent) -> None:
-        if not isinstance(event, CurrentChanged):  # readiness moves only with a current version
-            return
-        task = asyncio.get_running_loop().create_task(update_health())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    registry = ModelRegistry(
-        settings.model_dir,
-        metrics,
-        rescan_interval_s=settings.rescan_interval_s,
-        default_model=settings.default_model,
-        version_policy=settings.version_policy,
-        version_labels=settings.version_labels,
-    )
-    registry.subscribe(on_registry_event)  # health follows the registry's events
-    batcher = Batcher(
-        registry,
-        metrics,
-        max_batch_rows=settings.max_batch_rows,
-        max_batch_wait_s=settings.max_batch_wait_s,
-        max_queue_rows=settings.max_queue_rows,
-        max_queue_bytes=settings.max_queue_bytes,
-        max_door_wait_s=settings.max_door_wait_s,
-        enabled=settings.batching,
-        inline_max_rows=settings.inline_forward_max_rows,
-    )
-    await update_health()  # NOT_SERVING until a model is loaded
-    await registry.start()
-    await update_health()
-    frontend = await _choose_frontend(settings, registry)
-    metrics.set_frontend(frontend)
-    server: grpc.aio.Server
-    if frontend == "core":
-        core = CoreServer(_server_options(settings))
-        core.add_idle_hook(batcher.run_queued)
-        server = core
-    else:
-        server = grpc.aio.server(options=_server_options(settings))
-    classifier.add_to_server(
-        classifier.ClassifierServicer(
-            registry, batcher, metrics, max_images=settings.max_images_per_request
-        ),
-        server,
-    )
-    # Health and reflection parse requests with grpcio's deserializers; through the
-    # Registrar a malformed one is INVALID_ARGUMENT on either front end (service/malformed.py).
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, Registrar(server))
-    services = [classifier.SERVICE_NAME, health.SERVICE_NAME]
-    # --- other servicers register here (each helper adds its own line):
-    admin_endpoint = admin.add_to_server(
-        server, registry, settings, metrics=metrics, credentials=_credentials(settings)
-    )
-    if admin_endpoint is not None and admin_endpoint.server is None:
-        services.append(admin.SERVICE_NAME)
-    oip.add_to_server(
-        server, registry=registry, batcher=batcher, metrics=metrics, settings=settings
-    )
-    services.append(oip.SERVICE_NAME)
-    # --- end of servicer registrations
-    services.append(reflection.SERVICE_NAME)
-    enable_reflection(services, server)
-    await batcher.start()
-
-    address = f"{settings.host}:{settings.port}"
-    creds = _credentials(settings)
-    port = (server.add_secure_port(address, creds) if creds is not None
-            else server.add_insecure_port(address))
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    server = Server(settings, metrics=metrics)
     await server.start()
-    if admin_endpoint is not None:
-        await admin_endpoint.start()
-    log.info("event=listening address=%s port=%d tls=%s frontend=%s batching=%s models=%s "
-             "pid=%d", settings.host, port, creds is not None, frontend, settings.batching,
-             [s.name for s in registry.status()], os.getpid())
-    running = RunningServer(server, port, registry, batcher, metrics, health_servicer,
-                            metrics_port, admin_endpoint, frontend, _closers=closers)
-
-    original_stop = running.stop
-
-    async def stop(grace_s: float | None = 5.0) -> None:
-        state["stopping"] = True
-        await original_stop(grace_s)
-
-    running.stop = stop  # type: ignore[method-assign]
-    return running
+    return server
 
 
 def _tune_gc() -> None:
@@ -298,7 +354,7 @@ async def _serve_async(settings: Settings) -> None:
         # Unready first: health checkers (Envoy, a readiness probe) move traffic away while
         # requests are still answered; then drain. A second signal cuts the wait short.
         log.info("event=signal action=unready delay_s=%s", settings.drain_delay_s)
-        await running.health.enter_graceful_shutdown()
+        await running.unready()
         stop.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.drain_delay_s)

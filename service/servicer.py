@@ -1,147 +1,73 @@
-"""The mnist.v1.Classifier servicer: decode + validate, call the batcher, encode. Nothing else.
+"""The mnist.v1.Classifier servicer: hand the bytes to the data plane, map errors to statuses.
 
-Handlers receive raw request bytes and parse them here: a parse failure inside gRPC's own
-deserializer would surface as INTERNAL, while a malformed request is the caller's error
-(INVALID_ARGUMENT). Every request is validated completely before it reaches the batcher, so a
-bad one never shares a batch with good ones. Domain errors become statuses only through
-`errors.status_of`.
+Handlers receive raw request bytes; the data plane's pipeline parses them
+(service/dataplane/classify.py): a parse failure inside gRPC's own deserializer would surface
+as INTERNAL, while a malformed request is the caller's error (INVALID_ARGUMENT). Domain errors
+become statuses only through `errors.status_of`. Classify's fast lane (`fast_methods`) is the
+same pipeline for a front end with a thread of its own; this module imports no front end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from service import codec
-from service.batching import Batcher, Prediction
+from service.batching import Batcher
+from service.dataplane import ClassifyPipeline, DataPlane, FastMethod, RequestScope
 from service.errors import NotFound, ServiceError, status_of
-from service.fastpath import Answer, refuse
+from service.images import ImageDecoder
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
-from service.registry import ModelRegistry, ServableVersion
-from service.transport import CoreServer, FastCall
+from service.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "mnist.v1.Classifier"
+CLASSIFY_PATH = f"/{SERVICE_NAME}/Classify"
 # Requests of one stream computed concurrently (so a stream's flow is batched too).
 STREAM_WINDOW = 64
+# A ClassifyStreamResponse whose `response` (field 1, length-delimited) is an encoded
+# ClassifyResponse is that response's bytes behind this tag and their length: the stream
+# sends what the pipeline encoded without parsing it back.
+_RESPONSE_TAG = b"\x0a"
 
 
 class ClassifierServicer:
     def __init__(
-        self, registry: ModelRegistry, batcher: Batcher, metrics: Metrics, *, max_images: int
+        self, registry: ModelRegistry, batcher: Batcher, metrics: Metrics, *, max_images: int,
+        images: ImageDecoder | None = None,
     ) -> None:
         self._registry = registry
-        self._batcher = batcher
         self._metrics = metrics
         self._max_images = max_images
+        self._plane = DataPlane(batcher, metrics, images)
+        self._classify = ClassifyPipeline(registry, max_images=max_images, images=images)
 
-    async def _classify(
-        self, raw: bytes, method: str, time_remaining: float | None
-    ) -> pb.ClassifyResponse:
-        """One request end to end; counts it; raises ServiceError (or a bug) on failure."""
-        started = time.perf_counter()
-        model = version = ""
-        images = 0
-        code = grpc.StatusCode.OK
-        try:
-            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
-            request, x = self._prepare(raw)
-            images = int(x.shape[0])
-            prediction = await self._batcher.submit(
-                x,
-                model=request.model,
-                version=request.version,
-                label=request.version_label,
-                deadline_s=time_remaining,
-                wire_bytes=len(raw),
-            )
-            sv = prediction.version
-            model, version = sv.name, str(sv.version)
-            return _response(prediction, request)
-        except BaseException as e:
-            code = status_of(e)[0] if not isinstance(e, asyncio.CancelledError) else (
-                grpc.StatusCode.CANCELLED
-            )
-            raise
-        finally:
-            self._metrics.request_done(
-                method, model, version, code.name, images, time.perf_counter() - started
-            )
-
-    def _prepare(self, raw: bytes) -> tuple[pb.ClassifyRequest, codec.Array]:
-        """Parse and validate completely; fail fast on an unknown model/version/label (the
-        batch re-resolves at its time)."""
-        request = codec.parse_request(raw)
-        x = codec.decode_pixels(request, self._max_images)
-        self._check_exists(request)
-        return request, x
-
-    def classify_now(self, call: FastCall, raw: bytes) -> None:
-        """Classify on gRPC core's polling thread (service/transport.py): validate now and
-        queue the images for the batch the polling thread computes once nothing more is
-        arriving; the `fastpath.Answer` replies. Must not block or raise."""
-        answer = Answer(self._metrics, "Classify", call)
-        try:
-            self._batcher.admit_wire(len(raw))  # before any decoding: a refusal is cheap
-            request, x = self._prepare(raw)
-            answer.images = int(x.shape[0])
-            # Not the request itself: its pixels would stay alive until the reply.
-            answer.encode = functools.partial(_encoded, request.request_id,
-                                              request.packed_output)
-            self._batcher.submit_nowait(
-                x, answer, model=request.model, version=request.version,
-                label=request.version_label, deadline_s=call.time_remaining(),
-                wire_bytes=len(raw),
-            )
-        except Exception as e:
-            answer.set_exception(e)
-
-    def classify_gate(self, call: FastCall, waited_s: float) -> bool | None:
-        """Before Classify's message is read (service/transport.py): while the batcher sheds,
-        the call waits unread at the door (a bounded time) or is refused, so a flood of
-        retries costs neither a read nor a decode."""
-        let_in = self._batcher.door(waited_s)
-        if let_in is False:
-            refuse(self._metrics, "Classify", call, self._batcher.refusal(), waited_s)
-        return let_in
-
-    def _check_exists(self, request: pb.ClassifyRequest) -> ServableVersion:
-        return self._registry.resolve(request.model, request.version, request.version_label)
+    def fast_methods(self) -> dict[str, FastMethod]:
+        """The RPCs a front end with a thread of its own may answer there (server.py plugs
+        them into the completion-queue front end), by method path."""
+        return {CLASSIFY_PATH: self._plane.fast_method(self._classify)}
 
     # --- RPCs
 
-    async def Classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        inflight = self._metrics.inflight if self._metrics.enabled else None
-        if inflight is not None:
-            inflight.inc()
+    async def Classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            return await self._classify(raw, "Classify", context.time_remaining())
-        except ServiceError as e:
-            await context.abort(*status_of(e))
+            return await self._plane.call(self._classify, raw, context.time_remaining())
         except Exception as e:
-            log.exception("Classify failed")
             await context.abort(*status_of(e))
-        finally:
-            if inflight is not None:
-                inflight.dec()
         raise AssertionError("unreachable: abort raises")
 
     async def ClassifyStream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+    ) -> AsyncIterator[bytes]:
         """Read ahead up to STREAM_WINDOW requests, answer strictly in order."""
-        window: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue(
-            STREAM_WINDOW
-        )
+        window: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
             try:
@@ -165,64 +91,55 @@ class ClassifierServicer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
-    async def _stream_one(self, raw: bytes) -> pb.ClassifyStreamResponse:
+    async def _stream_one(self, raw: bytes) -> bytes:
         try:
-            response = await self._classify(raw, "ClassifyStream", None)
-            return pb.ClassifyStreamResponse(response=response)
+            response = await self._plane.call(self._classify, raw, None,
+                                              method="ClassifyStream", inflight=False)
+            return _RESPONSE_TAG + _varint(len(response)) + response
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if not isinstance(e, ServiceError):
-                log.exception("ClassifyStream message failed")
             code, details = status_of(e)
             request_id = ""
             with contextlib.suppress(Exception):
                 request_id = pb.ClassifyRequest.FromString(raw).request_id
-            return pb.ClassifyStreamResponse(
+            message: bytes = pb.ClassifyStreamResponse(
                 error=pb.StreamError(code=code.value[0], message=details, request_id=request_id)
-            )
+            ).SerializeToString()
+            return message
 
     async def GetModelInfo(
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        scope = RequestScope(self._metrics, "GetModelInfo", inflight=False)
         try:
             request = pb.GetModelInfoRequest.FromString(raw)
             name = request.model or self._registry.default_model()
             for status in self._registry.status():
                 if status.name == name:
-                    return self._info(status)
+                    info = self._info(status)
+                    scope.finish(grpc.StatusCode.OK)
+                    return info
             raise NotFound(
                 f"unknown model {name!r}; models: {[s.name for s in self._registry.status()]}"
             )
         except Exception as e:
-            code, details = status_of(_as_service_error(e))
-            await context.abort(code, details)
-        finally:
-            self._metrics.request_done(
-                "GetModelInfo", "", "", code.name, 0, time.perf_counter() - started
-            )
+            await context.abort(*scope.fail(_as_service_error(e)))
         raise AssertionError("unreachable: abort raises")
 
     async def ListModels(
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        scope = RequestScope(self._metrics, "ListModels", inflight=False)
         try:
             pb.ListModelsRequest.FromString(raw)
-            return pb.ListModelsResponse(
+            reply = pb.ListModelsResponse(
                 models=[self._info(s) for s in self._registry.status()]
             )
         except Exception as e:
-            code, details = status_of(_as_service_error(e))
-            await context.abort(code, details)
-        finally:
-            self._metrics.request_done(
-                "ListModels", "", "", code.name, 0, time.perf_counter() - started
-            )
-        raise AssertionError("unreachable: abort raises")
+            await context.abort(*scope.fail(_as_service_error(e)))
+        scope.finish(grpc.StatusCode.OK)
+        return reply
 
     def _info(self, status: Any) -> pb.ModelInfo:
         current = None
@@ -232,15 +149,13 @@ class ClassifierServicer:
         return codec.model_info(status, current, self._max_images)
 
 
-def _response(prediction: Prediction, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
-    return codec.encode_response(prediction.probabilities, prediction.version,
-                                 request.request_id, request.packed_output)
-
-
-def _encoded(request_id: str, packed: bool, prediction: Prediction) -> bytes:
-    message: bytes = codec.encode_response(prediction.probabilities, prediction.version,
-                                           request_id, packed).SerializeToString()
-    return message
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _as_service_error(e: Exception) -> Exception:
@@ -257,16 +172,12 @@ def _as_service_error(e: Exception) -> Exception:
 
 
 def add_to_server(servicer: ClassifierServicer, server: grpc.aio.Server) -> None:
-    """Register with identity request deserializers (see the module docstring); on a
-    CoreServer, Classify is a fast method answered on gRPC core's polling thread."""
+    """Register with identity request deserializers (see the module docstring) on any
+    grpc.aio-style server. Fast lanes are not registered here: server.py plugs
+    `servicer.fast_methods()` into a front end that has them."""
     handlers = {
-        "Classify": grpc.unary_unary_rpc_method_handler(
-            servicer.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
-        ),
-        "ClassifyStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ClassifyStream,
-            response_serializer=pb.ClassifyStreamResponse.SerializeToString,
-        ),
+        "Classify": grpc.unary_unary_rpc_method_handler(servicer.Classify),
+        "ClassifyStream": grpc.stream_stream_rpc_method_handler(servicer.ClassifyStream),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
         ),
@@ -274,9 +185,6 @@ def add_to_server(servicer: ClassifierServicer, server: grpc.aio.Server) -> None
             servicer.ListModels, response_serializer=pb.ListModelsResponse.SerializeToString
         ),
     }
-    if isinstance(server, CoreServer):
-        server.add_fast_method(f"/{SERVICE_NAME}/Classify", servicer.classify_now,
-                               gate=servicer.classify_gate)
     # Registered methods are matched by gRPC core when the call arrives, so a call skips the
     # Python walk over generic handlers; the generic one stays for servers without them.
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

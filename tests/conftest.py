@@ -30,6 +30,9 @@ from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from service.server import RunningServer, start_server
 
 T = TypeVar("T")
+# Servers the tests start as subprocesses inherit this: no HTTP port unless a test asks for one
+# (the default, 8000, would collide between tests and with anything else on the machine).
+os.environ.setdefault("MNIST_HTTP_PORT", "0")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -67,7 +70,7 @@ def write_version(repo: Path, name: str, version: int, model: Model) -> Path:
 def test_settings(model_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test server: loopback, port 0, no metrics HTTP port, fast rescans."""
     base = Settings(
-        model_dir=model_dir, host="127.0.0.1", port=0, metrics_enabled=False,
+        model_dir=model_dir, host="127.0.0.1", port=0, metrics_enabled=False, http_port=0,
         rescan_interval_s=0.1, grace_period_s=2.0,
     )
     return replace(base, **overrides)

@@ -56,6 +56,15 @@ def test_mnist_client_imports_only_the_generated_protos_from_service() -> None:
     assert extra == [], f"mnist_client imports server-side dependencies: {extra}"
 
 
+def test_mnist_imaging_is_a_leaf_shared_by_client_and_server() -> None:
+    names = imported_by("mnist_imaging")
+    assert "mnist_imaging.decode" in names  # the probe worked
+    assert "mnist_imaging.pool" in names
+    sides = [n for n in names if n.split(".")[0] in ("service", "mnist_client", "trainer", "grpc")]
+    assert sides == [], f"mnist_imaging imports client or server code: {sides}"
+    assert "mnist_imaging.decode" in imported_by("mnist_client")
+
+
 def test_service_package_init_stays_bare_so_the_protos_bring_nothing_else() -> None:
     # `service` is imported on the way to `service.pb`: at most a docstring, no code.
     tree = ast.parse((ROOT / "service" / "__init__.py").read_text())

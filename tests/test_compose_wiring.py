@@ -77,6 +77,7 @@ class Stack:
 
     def environment(self, service: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
+        env["MNIST_HTTP_PORT"] = "0"  # compose does not publish the REST port (yet)
         for key, value in self.compose["services"][service].get("environment", {}).items():
             value = self.path(service, str(value))
             if key.endswith("_HOST") and value == "0.0.0.0":

@@ -100,12 +100,18 @@ def test_dashboard_covers_what_operators_need(dashboard: dict[str, Any]) -> None
         "mnist_model_version_loaded", "mnist_model_rejected_versions_total",
         "mnist_model_loads_total", "mnist_predictions_total",
         "mnist_prediction_confidence_ratio_bucket",
+        # promotion (issue 15): shadow agreement, candidate beside current, canary, gate
+        "mnist_shadow_compared_total", "mnist_shadow_dropped_total",
+        "mnist_shadow_predictions_total", "mnist_shadow_confidence_bucket",
+        "mnist_canary_percent", "mnist_canary_rollbacks_total",
+        "mnist_gate_rejected_versions_total",
     }
     assert needed <= used, f"not on the dashboard: {sorted(needed - used)}"
     exprs = " ".join(dashboard_exprs(dashboard))
     assert "sum by (code)" in exprs
     assert "histogram_quantile(0.5," in exprs
     assert "histogram_quantile(0.99," in exprs
+    assert 'by (role, class)' in exprs  # the candidate's distribution beside the current's
 
 
 def traffic_with_swap_and_rejection(server: ServerThread, repo: Path) -> None:

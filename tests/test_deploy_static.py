@@ -369,7 +369,8 @@ def test_k8s_service_is_headless_and_hpa_targets_the_deployment() -> None:
         "apiVersion": "apps/v1", "kind": "Deployment", "name": "mnist-server"}
     metric_names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]
                     if m["type"] == "Pods"}
-    exported = set(re.findall(r'"(mnist_[a-z_]+)"', (ROOT / "service/metrics.py").read_text()))
+    sources = "".join(p.read_text() for p in sorted((ROOT / "service/metrics").glob("*.py")))
+    exported = set(re.findall(r'"(mnist_[a-z_]+)"', sources))
     assert metric_names, "the autoscaler should use the service's own metrics"
     assert metric_names <= exported, (metric_names, exported)
     job = docs["Job/mnist-trainer"]

@@ -247,7 +247,7 @@ def test_sighup_and_admin_port_in_the_real_process(tmp_path: Path) -> None:
     publish_tiny(repo, seed=1)
     log = tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-    env.update(PYTHONUNBUFFERED="1", MNIST_ADMIN_TOKEN="t0ken")
+    env.update(PYTHONUNBUFFERED="1", MNIST_ADMIN_TOKEN="t0ken", MNIST_HTTP_PORT="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--model-dir", str(repo), "--host", "127.0.0.1",
          "--port", "0", "--no-metrics-enabled", "--rescan-interval-s", "0",

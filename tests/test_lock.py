@@ -31,18 +31,21 @@ def _project() -> dict[str, object]:
 
 
 def _runtime_closure() -> dict[str, str]:
-    """{name: installed version} of everything `mnist-serving` needs at run time (no extras)."""
+    """{name: installed version} of everything `mnist-serving[image]` needs at run time: the
+    image serves encoded images, so it ships the `image` extra (Pillow) and no other."""
     closure: dict[str, str] = {}
     todo = ["mnist-serving"]
     while todo:
-        for raw in distribution(todo.pop()).requires or []:
+        name = todo.pop()
+        extra = "image" if name == "mnist-serving" else ""
+        for raw in distribution(name).requires or []:
             req = Requirement(raw)
-            if req.marker and not req.marker.evaluate({"extra": ""}):
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in {"", extra}):
                 continue
-            name = canonicalize_name(req.name)
-            if name not in closure:
-                closure[name] = distribution(name).version
-                todo.append(name)
+            dep = canonicalize_name(req.name)
+            if dep not in closure:
+                closure[dep] = distribution(dep).version
+                todo.append(dep)
     return closure
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of service/metrics.py: a fresh CollectorRegistry per test, exact values."""
+"""Unit tests of service/metrics/: a fresh CollectorRegistry per test, exact values."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ from service.metrics import (
     CONFIDENCE_BUCKETS,
     LATENCY_BUCKETS_S,
     Metrics,
-    _BulkHistogram,
     start_exporter,
 )
+from service.metrics import recording as recording_mod
+from service.metrics.collector import CountsCollector, families
+from service.metrics.counts import Hist, Store
+from service.metrics.definitions import Family
 
 
 @pytest.fixture
@@ -129,7 +132,7 @@ def test_small_and_large_batches_record_the_same_samples() -> None:
     big, small = CollectorRegistry(), CollectorRegistry()
     Metrics(big).batch_done("mnist", 1, waits.tolist(), 0.001, p)
     m = Metrics(small)
-    step = metrics_mod.SMALL_BATCH_ROWS
+    step = recording_mod.SMALL_BATCH_ROWS
     for i in range(0, 40, step):
         m.batch_done("mnist", 1, waits[i:i + step].tolist(), 0.001, p[i:i + step])
         m.flush()  # each recorded alone, so row by row (a flush groups what waits)
@@ -183,8 +186,9 @@ def test_batches_recorded_together_equal_batches_recorded_one_by_one() -> None:
 
 
 @pytest.mark.parametrize("buckets", [LATENCY_BUCKETS_S, CONFIDENCE_BUCKETS])
-def test_bulk_observe_matches_observe_exactly(buckets: tuple[float, ...]) -> None:
-    """The per-batch shortcut must give the very samples a loop of observe() gives."""
+def test_kept_counts_export_what_observe_exports(buckets: tuple[float, ...]) -> None:
+    """The service's own bucket counts, emitted by the collector, must give the very samples
+    a prometheus_client Histogram fed one observe() per value gives."""
     rng = np.random.default_rng(5)
     values = np.concatenate([
         rng.uniform(0, 1.2 * buckets[-1], 500),
@@ -193,14 +197,17 @@ def test_bulk_observe_matches_observe_exactly(buckets: tuple[float, ...]) -> Non
         np.array([0.0, 1e9]),
     ])
     reg_a, reg_b = CollectorRegistry(), CollectorRegistry()
-    h_a = Histogram("h", "h", buckets=buckets, registry=reg_a)
-    h_b = Histogram("h", "h", buckets=buckets, registry=reg_b)
+    h_a = Histogram("h", "h", ["model"], buckets=buckets, registry=reg_a)
     for v in values.tolist():
-        h_a.observe(v)
-    bulk = _BulkHistogram(h_b)
-    bulk.observe_many(values[: len(values) // 2])
+        h_a.labels("m").observe(v)
+    family = Family("h", "histogram", "h", ("model",), buckets)
+    store = Store((family,))
+    kept = store.hist(family, ("m",))
+    assert isinstance(kept, Hist)
+    kept.observe_many(values[: len(values) // 2])
     for v in values[len(values) // 2 :].tolist():
-        bulk.observe(v)  # the one-value fast path too
+        kept.observe(v)  # the one-value path too
+    reg_b.register(CountsCollector(lambda: families(store)))
 
     def samples(reg: CollectorRegistry) -> dict[tuple[str, str], float]:
         return {
@@ -213,6 +220,31 @@ def test_bulk_observe_matches_observe_exactly(buckets: tuple[float, ...]) -> Non
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-12), key
     assert a[("h_count", "")] == len(values)
+
+
+def test_no_private_prometheus_client_names_in_the_service() -> None:
+    """Issue 12: the metrics package uses prometheus_client's public API only: no private
+    attribute of anything but its own objects (`child._sum`, `registry._collector_to_names`),
+    no private name imported or fetched by string, so an upgrade cannot silently miscount."""
+    import ast
+
+    package = Path(metrics_mod.__file__).parent
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+            private = isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                and not node.attr.startswith("__")
+            own = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in ("self", "cls")
+            if private and not own:
+                offenders.append(f"{where} .{getattr(node, 'attr', '')}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prom"):
+                offenders += [f"{where} import {a.name}" for a in node.names
+                              if a.name.startswith("_")]
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "getattr":
+                offenders.append(f"{where} getattr")
+    assert offenders == []
 
 
 def test_version_lifecycle_gauges_loads_and_rejections(
@@ -324,6 +356,7 @@ _WORKER = textwrap.dedent("""
     m.batch_done("mnist", 2, [0.001] * n, 0.0005, p)
     m.inflight.inc()
     m.set_queue_rows("mnist", n)
+    m.close()  # the last snapshot, as a worker does at exit (else within 0.5 s)
     print("ready", flush=True)
     sys.stdin.readline()  # stay alive (live gauges) until the test says go
 """)
@@ -338,6 +371,8 @@ def test_multiprocess_values_add_up_and_dead_workers_leave_no_gauges(
     monkeypatch.setenv(metrics_mod.MULTIPROC_ENV, "")
     directory.mkdir()
     (directory / "counter_999.db").write_bytes(b"left by an old run")
+    (directory / "mnist_counts_999.json").write_text('{"totals": {}, "live": {}}')
+    (directory / ".mnist_counts_998.json.tmp").write_text('{"tot')  # killed mid-write
     (directory / "README").write_text("an operator's file: not ours to delete")
     metrics_mod.prepare_multiprocess(directory)
     assert os.environ[metrics_mod.MULTIPROC_ENV] == str(directory)
@@ -409,13 +444,11 @@ def test_batches_are_recorded_at_collection_or_when_too_many_wait(
                  **{"class": "2"}) == 1
     assert len(metrics._pending) == 0
 
-    monkeypatch.setattr(metrics_mod, "MAX_PENDING_ROWS", 3)
+    monkeypatch.setattr(recording_mod, "MAX_PENDING_ROWS", 3)
     metrics.batch_done("mnist", 1, [0.001], 0.001, probs([(2, 0.9)] * 2))
     assert len(metrics._pending) == 1
     metrics.batch_done("mnist", 1, [0.001], 0.001, probs([(2, 0.9)] * 2))
     assert len(metrics._pending) == 0  # 4 rows waiting > 3: recorded without a scrape
-    child = metrics.predictions.labels("mnist", "1", "2")
-    assert child._value.get() == 5
 
     # Requests, in-flight and queue depth the same way: queued, then recorded at collection.
     loaded(metrics, 1)
@@ -428,3 +461,5 @@ def test_batches_are_recorded_at_collection_or_when_too_many_wait(
     assert value(registry, "mnist_inflight_requests") == 1
     assert value(registry, "mnist_batch_queue_rows", model="mnist") == 7
     assert len(metrics._pending_requests) == 0
+    assert value(registry, "mnist_predictions_total", model="mnist", version="1",
+                 **{"class": "2"}) == 5

@@ -1,14 +1,17 @@
 """`--workers 2`: the metrics of both worker processes add up on the supervisor's /metrics, and
-a worker that dies leaves no stale gauges (prometheus-client multiprocess mode)."""
+a worker that dies leaves no stale gauges (each worker's count snapshots plus prometheus-client
+multiprocess mode for the model-lifecycle metrics, service/metrics/multiprocess.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,7 +19,6 @@ import pytest
 from conftest import uint8_request
 from metrics_util import ROOT, free_port, poll, samples, scrape
 from procs import stop_process
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -27,14 +29,16 @@ def listening_pids(log: Path) -> set[int]:
     return {int(p) for p in re.findall(r"event=listening .*pid=(\d+)", log.read_text())}
 
 
+def snapshot(directory: Path, pid: int) -> dict[str, Any]:
+    """One worker's own count snapshot (service/metrics/multiprocess.py)."""
+    doc: dict[str, Any] = json.loads((directory / f"mnist_counts_{pid}.json").read_text())
+    return doc
+
+
 def requests_recorded_by(directory: Path, pid: int) -> float:
-    """The OK Classify count in one worker's own counter file."""
-    total = 0.0
-    for metric in MultiProcessCollector.merge([str(directory / f"counter_{pid}.db")]):
-        for s in metric.samples:
-            if s.name == "mnist_requests_total" and s.labels.get("code") == "OK":
-                total += s.value
-    return total
+    """The OK Classify count in one worker's own snapshot."""
+    rows = snapshot(directory, pid)["totals"].get("mnist_requests", [])
+    return sum(float(value) for labels, value in rows if labels[3] == "OK")
 
 
 @pytest.mark.slow
@@ -45,7 +49,7 @@ def test_two_workers_add_up_and_a_killed_worker_leaves_no_stale_gauges(
     shared = tmp_path / "prometheus-multiproc"
     log = tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-    env.update(PYTHONUNBUFFERED="1", PROMETHEUS_MULTIPROC_DIR=str(shared))
+    env.update(PYTHONUNBUFFERED="1", PROMETHEUS_MULTIPROC_DIR=str(shared), MNIST_HTTP_PORT="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--model-dir", str(model_repo), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "2", "--metrics-host", "127.0.0.1",
@@ -70,8 +74,9 @@ def test_two_workers_add_up_and_a_killed_worker_leaves_no_stale_gauges(
                     stub.Classify(uint8_request(rng.integers(0, 256, (n, 784))), timeout=20)
                     sizes.append(n)
 
-        merged = samples(scrape(metrics_port))
-        assert merged[("mnist_requests_total", OK)] == 48
+        # Workers write their counts every 0.5 s: the scrape catches up within a second.
+        merged = poll(lambda: m if (m := samples(scrape(metrics_port))).get(
+            ("mnist_requests_total", OK)) == 48 else None, "48 requests on /metrics", 10)
         assert merged[("mnist_images_total", OK)] == sum(sizes)
         assert sum(v for (name, labels), v in merged.items()
                    if name == "mnist_predictions_total") == sum(sizes)
@@ -85,9 +90,12 @@ def test_two_workers_add_up_and_a_killed_worker_leaves_no_stale_gauges(
 
         dead = pids[0]
         assert list(shared.glob(f"gauge_live*_{dead}.db")), "a worker has live gauge files"
+        assert snapshot(shared, dead)["live"], "a worker's snapshot has live gauges"
         os.kill(dead, signal.SIGKILL)
-        poll(lambda: True if not list(shared.glob(f"gauge_live*_{dead}.db")) else None,
+        poll(lambda: True if not list(shared.glob(f"gauge_live*_{dead}.db"))
+             and not snapshot(shared, dead)["live"] else None,
              "the supervisor to drop the killed worker's live gauges", deadline_s=30)
+        assert requests_recorded_by(shared, dead) == per_worker[0]  # its counts stay
         poll(lambda: True if len(listening_pids(log) - set(pids)) == 1 else None,
              "the supervisor to restart the killed worker", deadline_s=60)
         after = samples(scrape(metrics_port))

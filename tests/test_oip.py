@@ -544,5 +544,6 @@ def test_parameters_are_accepted_and_triton_only_rpcs_are_unimplemented(
     request.inputs[0].parameters["binary_data_size"].int64_param = 3136
     request.outputs.add(name="probabilities").parameters["classification"].int64_param = 2
     assert [o.name for o in stub.ModelInfer(request).outputs] == ["probabilities"]
-    statistics = channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")
-    expect_error(lambda: statistics(b""), grpc.StatusCode.UNIMPLEMENTED)
+    # (ModelConfig and ModelStatistics are served: tests/test_oip_triton_stats.py)
+    trace = channel.unary_unary("/inference.GRPCInferenceService/TraceSetting")
+    expect_error(lambda: trace(b""), grpc.StatusCode.UNIMPLEMENTED)

@@ -1,6 +1,6 @@
 """Load shedding: admission before decode, a byte cap whatever the callers, compute not starved.
 
-The fast path (servicer.classify_now / oip infer_now, as gRPC core's polling thread calls them)
+The fast lanes (the servicers' `fast_methods()`, as gRPC core's polling thread calls them)
 is driven directly with a recording call, and its batches computed with `run_queued` only when
 the test says so: what is queued and held is then exact, without timing. The asyncio path
 runs on a real grpc.aio server whose forward blocks until released. CoreServer's turns and
@@ -28,17 +28,18 @@ from service import oip
 from service import servicer as classifier
 from service.batching import CHARGE_PER_WIRE_BYTE, REQUEST_OVERHEAD_BYTES, Batcher
 from service.config import Settings
+from service.frontends.core import CoreServer, FastCall
 from service.metrics import Metrics
 from service.pb.inference import grpc_service_pb2 as ipb
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.registry import ModelRegistry, ServableVersion
-from service.transport import CoreServer, FastCall
 
 IMAGE_BYTES = 784
 
 
 class RecordingCall:
-    """What the fast path needs of transport.FastCall, recording how the call was answered."""
+    """A dataplane.Responder (what the fast lane needs of the core front end's FastCall),
+    recording how the call was answered."""
 
     def __init__(self) -> None:
         self.code: grpc.StatusCode | None = None
@@ -78,22 +79,25 @@ class FastPath:
         self.classifier = classifier.ClassifierServicer(
             self.registry, self.batcher, self.metrics, max_images=4096)
         self.v2 = oip.InferenceServicer(registry=self.registry, batcher=self.batcher,
-                                        metrics=self.metrics, settings=Settings())
+                                        metrics=self.metrics,
+                                        settings=oip.V2Settings.from_settings(Settings()))
+        # The fast lanes as server.py plugs them into the core front end.
+        self.lanes = {**self.classifier.fast_methods(), **self.v2.fast_methods()}
+        self.classify_lane = self.lanes[classifier.CLASSIFY_PATH]
+        self.infer_lane = self.lanes[oip.MODEL_INFER_PATH]
 
     def classify(self, raw: bytes) -> RecordingCall:
         """Classify arriving on the polling thread: the gate, then (if it lets it in) the
         handler; nothing is computed until `compute`."""
         call = RecordingCall()
-        fast_call: FastCall = call  # type: ignore[assignment]  # duck-typed
-        if self.classifier.classify_gate(fast_call, 0.0):
-            self.classifier.classify_now(fast_call, raw)
+        if self.classify_lane.gate(call, 0.0):
+            self.classify_lane.handler(call, raw)
         return call
 
     def infer(self, raw: bytes) -> RecordingCall:
         call = RecordingCall()
-        fast_call: FastCall = call  # type: ignore[assignment]
-        if self.v2.infer_gate(fast_call, 0.0):
-            self.v2.infer_now(fast_call, raw)
+        if self.infer_lane.gate(call, 0.0):
+            self.infer_lane.handler(call, raw)
         return call
 
     def compute(self) -> None:
@@ -209,12 +213,12 @@ def test_while_shedding_a_call_waits_unread_at_the_door_for_a_bounded_time(
 ) -> None:
     big = request_bytes(256)
     path = fast(max_queue_bytes=4 * charge(big), max_door_wait_s=0.010)
-    gate = path.classifier.classify_gate
+    gate = path.classify_lane.gate
     for _ in range(4):
         assert path.classify(big).code is None
     assert path.classify(big).code == grpc.StatusCode.RESOURCE_EXHAUSTED  # now shedding
     waiting = RecordingCall()
-    call: FastCall = waiting  # type: ignore[assignment]
+    call = waiting
     assert gate(call, 0.0) is None  # parked: not read, not answered
     assert gate(call, 0.009) is None
     assert waiting.code is None
@@ -223,10 +227,10 @@ def test_while_shedding_a_call_waits_unread_at_the_door_for_a_bounded_time(
     assert "refused until" in waiting.details
     assert path.refused() == 2.0
     path.compute()  # room again: a waiting call is let in...
-    assert gate(RecordingCall(), 0.005) is True  # type: ignore[arg-type]
+    assert gate(RecordingCall(), 0.005) is True
     # ...but not one that already waited past the bound (it gave room to the ones behind)
     late = RecordingCall()
-    assert gate(late, 0.011) is False  # type: ignore[arg-type]
+    assert gate(late, 0.011) is False
     assert late.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert path.refused() == 3.0
 
@@ -239,7 +243,7 @@ def test_with_no_door_wait_a_shedding_batcher_refuses_at_once(
     assert path.classify(big).code is None
     assert path.classify(big).code == grpc.StatusCode.RESOURCE_EXHAUSTED
     refused = RecordingCall()
-    assert path.v2.infer_gate(refused, 0.0) is False  # type: ignore[arg-type]
+    assert path.infer_lane.gate(refused, 0.0) is False
     assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -284,6 +288,9 @@ class _BlockingRegistry:
 
     def resolve(self, model: str = "", version: int = 0, label: str = "") -> ServableVersion:
         return self.sv
+
+    def route(self, model: str = "", version: int = 0, label: str = "", key: str = "") -> int:
+        return version  # no canary here
 
     def status(self) -> Any:
         return self.registry.status()

@@ -17,7 +17,14 @@ import pytest
 
 from service.model import Model, build_model, load_model
 from trainer import publish as publish_module
-from trainer.publish import PublishError, next_version, publish, rename_noreplace, versions
+from trainer.publish import (
+    PublishError,
+    high_water,
+    next_version,
+    publish,
+    rename_noreplace,
+    versions,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +43,11 @@ def tiny_model(seed: int = 0) -> Model:
                        rng.uniform(0, 1, (2, 784)))
 
 
+def leftovers(repo: Path) -> list[str]:
+    """What a publish left in the model directory besides its lock file (which stays)."""
+    return sorted(n for n in os.listdir(repo) if n != publish_module.LOCK_FILE)
+
+
 def integer_dirs(repo: Path) -> list[str]:
     return sorted(p.name for p in repo.iterdir() if p.name.isdigit())
 
@@ -47,7 +59,10 @@ def test_versions_count_up_and_load(tmp_path: Path) -> None:
     assert p2 == tmp_path / "mnist" / "2"
     assert load_model(p1).metadata["training"]["seed"] == 1
     assert load_model(p2).metadata["training"]["seed"] == 2
-    assert sorted(os.listdir(tmp_path / "mnist")) == ["1", "2"]  # no temp dir left
+    # No temp dir left; beside the versions only the high-water mark and the publish lock.
+    assert sorted(os.listdir(tmp_path / "mnist")) == [
+        ".publish.lock", ".version-high-water", "1", "2",
+    ]
 
 
 def test_next_version_is_highest_integer_plus_one(tmp_path: Path) -> None:
@@ -97,7 +112,7 @@ def test_failure_before_rename_leaves_no_version_and_no_temp(
     monkeypatch.setattr(publish_module, "rename_noreplace", crash)
     with pytest.raises(KeyboardInterrupt):
         publish(tiny_model(), tmp_path, "m")
-    assert os.listdir(tmp_path / "m") == []
+    assert leftovers(tmp_path / "m") == []
 
 
 def test_full_disk_removes_the_partial_version(
@@ -115,7 +130,7 @@ def test_full_disk_removes_the_partial_version(
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(PublishError, match="no space left on device"):
         publish(tiny_model(), tmp_path, "m")
-    assert os.listdir(tmp_path / "m") == []
+    assert leftovers(tmp_path / "m") == []
 
 
 def test_a_killed_publisher_leaves_no_integer_directory(tmp_path: Path) -> None:
@@ -261,4 +276,58 @@ def test_staging_left_by_a_killed_trainer_is_removed_on_the_next_publish(
     assert not old.exists()
     assert mine.exists()
     assert fresh.exists()
-    assert sorted(p.name for p in repo.iterdir()) == sorted(["1", mine.name, fresh.name])
+    assert leftovers(repo) == sorted(
+        ["1", mine.name, fresh.name, publish_module.HIGH_WATER_FILE]
+    )
+
+
+def test_deleting_the_newest_version_never_gives_its_number_again(tmp_path: Path) -> None:
+    assert [publish(tiny_model(i), tmp_path, "m")[0] for i in (1, 2, 3)] == [1, 2, 3]
+    shutil.rmtree(tmp_path / "m" / "3")  # a rollback by deletion
+    assert next_version(tmp_path / "m") == 4
+    assert publish(tiny_model(4), tmp_path, "m")[0] == 4
+    shutil.rmtree(tmp_path / "m" / "4")
+    shutil.rmtree(tmp_path / "m" / "2")
+    assert publish(tiny_model(5), tmp_path, "m")[0] == 5
+    assert high_water(tmp_path / "m") == 5
+
+
+def test_a_damaged_high_water_mark_falls_back_to_the_disk(tmp_path: Path) -> None:
+    publish(tiny_model(1), tmp_path, "m")
+    for junk in (b"", b"banana", b"-3", b"9" * 40, b"\xff\xfe"):
+        (tmp_path / "m" / ".version-high-water").write_bytes(junk)
+        assert next_version(tmp_path / "m") == 2
+
+
+def test_concurrent_publishers_never_collide(tmp_path: Path) -> None:
+    """Six real processes publishing four versions each, all at once: 24 distinct numbers,
+    each directory holding the model its publisher wrote, and the mark at the top."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO_ROOT)!r}); sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
+        from pathlib import Path
+        from test_publish import tiny_model
+        from trainer.publish import publish
+        worker = int(sys.argv[1])
+        for i in range(4):
+            v, _ = publish(tiny_model(100 * worker + i), Path(sys.argv[2]), "m")
+            print(v, 100 * worker + i, flush=True)
+    """)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(w), str(tmp_path)],
+                         stdout=subprocess.PIPE, text=True)
+        for w in range(6)
+    ]
+    seeds: dict[int, int] = {}
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        for line in out.split("\n"):
+            if line:
+                v, seed = map(int, line.split())
+                assert v not in seeds, f"version {v} published twice"
+                seeds[v] = seed
+    assert sorted(seeds) == list(range(1, 25))
+    assert high_water(tmp_path / "m") == 24
+    for v, seed in seeds.items():
+        assert load_model(tmp_path / "m" / str(v)).metadata["training"]["seed"] == seed

@@ -222,7 +222,8 @@ def test_swap_keeps_old_reference_usable_and_rollback_on_delete(tmp_path: Path) 
 
 
 def test_republished_number_is_reloaded(tmp_path: Path) -> None:
-    """A version deleted and published again under the same number is the new files."""
+    """A version directory replaced under the same number (by hand: the trainer never reuses
+    a number) is the new files."""
     publish_tiny(tmp_path, seed=1)
     publish_tiny(tmp_path, seed=2)
 
@@ -230,7 +231,8 @@ def test_republished_number_is_reloaded(tmp_path: Path) -> None:
         reg, _ = make(tmp_path)
         await reg.start()
         shutil.rmtree(tmp_path / "mnist" / "2")
-        assert publish_tiny(tmp_path, seed=3) == 2
+        assert publish_tiny(tmp_path, seed=3) == 3  # the high-water mark: never 2 again
+        os.rename(tmp_path / "mnist" / "3", tmp_path / "mnist" / "2")
         await reg.rescan()
         np.testing.assert_allclose(reg.resolve().model.predict(X), tiny_model(3).predict(X))
 

@@ -107,6 +107,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[list[Replica], int, Path]]:
                 "MNIST_METRICS_PORT": str(metrics_port),
                 "MNIST_GRACE_PERIOD_S": "5",
                 "MNIST_RESCAN_INTERVAL_S": "0",
+                "MNIST_HTTP_PORT": "0",
             }
             out = open(log, "wb")  # noqa: SIM115 - closed in finally
             logs.append(out)

@@ -34,10 +34,10 @@ from metrics_util import samples, scrape
 from numerics import assert_probabilities
 from procs import free_port, stop_process
 
+from service.frontends.core import CoreServer
 from service.model import pixels_to_input
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
-from service.transport import CoreServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -423,9 +423,9 @@ def test_workers_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
 
 
 def test_core_front_end_is_available_on_the_pinned_grpcio() -> None:
-    """transport.py uses grpcio's private layer; if a grpcio upgrade drops what it needs, the
+    """frontends/core.py uses grpcio's private layer; if a grpcio upgrade drops what it needs, the
     server silently falls back to grpc.aio at ~0.6 of the rate, so say so here."""
-    from service import transport
+    from service.frontends import core as transport
 
     assert transport.unavailable_reason() is None
 
@@ -433,7 +433,7 @@ def test_core_front_end_is_available_on_the_pinned_grpcio() -> None:
 def test_server_falls_back_to_aio_when_the_core_front_end_is_unavailable(
     model_repo: Path, start: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from service import transport
+    from service.frontends import core as transport
 
     monkeypatch.setattr(transport, "unavailable_reason", lambda: "grpcio 9.9 has no cygrpc.Server")
     with caplog.at_level("WARNING", logger="service.server"):
@@ -447,7 +447,7 @@ def test_server_falls_back_to_aio_when_the_core_front_end_is_unavailable(
     assert len(reply.predictions) == 2
 
 
-# --- the core front end's startup self-test (service/selftest.py)
+# --- the core front end's startup self-test (service/frontends/selftest.py)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -28,7 +28,7 @@ from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 def start(request: pytest.FixtureRequest,
           start: Callable[..., ServerThread]) -> Callable[..., ServerThread]:
     """Every test here runs on both front ends: Classify on gRPC core's polling thread
-    (service/transport.py, the default) and everything through plain grpc.aio."""
+    (service/frontends/core.py, the default) and everything through plain grpc.aio."""
 
     def factory(model_dir: Path, **overrides: Any) -> ServerThread:
         overrides.setdefault("frontend", request.param)

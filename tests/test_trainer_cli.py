@@ -256,3 +256,23 @@ def test_full_disk_during_publish_is_one_line_and_leaves_nothing(
     assert err.count("\n") == 1
     assert "no space left on device" in err
     assert os.listdir(tmp_path / "m" / "mnist") == []
+
+
+def test_gate_written_from_the_held_out_split_and_read_back_by_the_server(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path
+) -> None:
+    from service.promotion.gate import accuracy, load_gate
+
+    models = tmp_path / "models"
+    code, out, err = run_cli(capsys, "--data-dir", str(data_dir), "--model-dir", str(models),
+                             "--json", "--gate-min-accuracy", "0.2", "--gate-max-drop", "0.05",
+                             "--gate-images", "60", *QUICK)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["gate"] == str(models / "mnist" / "gate")
+    gate = load_gate(models / "mnist")  # the server's own reader, with its bounds
+    assert gate.images.shape == (60, 784)
+    assert (gate.min_accuracy, gate.max_drop) == (0.2, 0.05)
+    # The gate's images are test images: the model scores on them what it scores on the test.
+    model = load_model(models / "mnist" / "1")
+    assert accuracy(model, gate) > 0.5

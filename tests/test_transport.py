@@ -1,4 +1,5 @@
-"""service.transport.CoreServer for real: fast methods, the asyncio lane, streams, stop, health.
+"""CoreServer (service/frontends/core.py) for real: fast methods, the asyncio lane, streams, stop,
+health.
 
 CoreServer is built on grpc's private cygrpc layer, so these tests pin down what its users rely
 on: every test starts a CoreServer on 127.0.0.1 port 0 on its own event loop in a background
@@ -24,7 +25,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from service.transport import Context, CoreServer, FastCall
+from service.frontends.core import Context, CoreServer, FastCall
 
 T = TypeVar("T")
 SVC = "test.Svc"
@@ -535,7 +536,7 @@ def test_stop_with_short_grace_cancels_the_call_in_flight_and_returns(
 STOP_WITHOUT_GRACE_SCRIPT = """
 import asyncio, sys
 import grpc
-from service.transport import CoreServer
+from service.frontends.core import CoreServer
 
 async def main(rounds):
     loop = asyncio.get_running_loop()

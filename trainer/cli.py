@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+import numpy as np
+
 from service.model import CHECKSUM_FILE
+from service.promotion.gate import MAX_GATE_IMAGES, write_gate
 from trainer import __version__
 from trainer.data import MIRRORS, DataError, download, load_dataset, missing_files
 from trainer.network import COSTS
@@ -164,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-train", type=_bounded(int, 0), default=d.max_train,
                      help="use at most this many training images, 0 = all (default: 0)")
 
+    gate = p.add_argument_group(
+        "quality gate",
+        "write MODEL_DIR/NAME/gate/ (docs/versions.md): a sample of the held-out test images "
+        "and the bar every new version of NAME must clear before the server serves it",
+    )
+    gate.add_argument("--gate-min-accuracy", type=_bounded(float, 0, 1), default=None,
+                      metavar="F", help="write the gate: minimum accuracy on its images")
+    gate.add_argument("--gate-max-drop", type=_bounded(float, 0, 1), default=None,
+                      metavar="F", help="write the gate: largest accuracy drop allowed against "
+                      "the version serving when a new one loads")
+    gate.add_argument("--gate-images", type=_bounded(int, 1, MAX_GATE_IMAGES), default=1000,
+                      metavar="N", help="held-out test images the gate keeps")
     rt = p.add_argument_group("reproducibility and speed")
     rt.add_argument("--seed", type=_bounded(int, 0, 2**63 - 1), default=d.seed,
                     help=f"seed for initialisation, split, shuffling and augmentation; the "
@@ -254,6 +269,13 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "version": None,
         "path": None,
     }
+    if not args.no_publish and (args.gate_min_accuracy is not None
+                                or args.gate_max_drop is not None):
+        # Before the version: the server judges it by the gate it finds in place.
+        gate_dir = _write_gate(args, data, config.seed)
+        summary["gate"] = str(gate_dir)
+        print(f"wrote quality gate {gate_dir} ({args.gate_images} held-out test images)",
+              file=out)
     if not args.no_publish:
         extra = _write_plots(result) if args.plot else None
         version, path = publish(result.model, args.model_dir, args.name, extra_files=extra)
@@ -263,6 +285,16 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True), flush=True)
     return 0
+
+
+def _write_gate(args: argparse.Namespace, data: Any, seed: int) -> Path:
+    """A seeded sample of the held-out test split as the model's gate."""
+    n = min(args.gate_images, int(data.test_labels.size))
+    pick = np.sort(np.random.default_rng(seed).choice(data.test_labels.size, n, replace=False))
+    return write_gate(
+        args.model_dir / args.name, data.test_images[pick], data.test_labels[pick],
+        min_accuracy=args.gate_min_accuracy or 0.0, max_drop=args.gate_max_drop,
+    )
 
 
 def _report(r: RunResult, out: TextIO) -> None:

@@ -14,6 +14,15 @@ A published version is readable by a server running as another user: directories
 files 0644, narrowed by the umask (mkdtemp alone would leave the directory 0700, whatever the
 umask). A umask of 077 keeps versions private to the trainer's user, as it would any file.
 
+Version numbers are never reused: `models/<name>/.version-high-water` holds the highest
+number ever published there, so deleting the newest version (a rollback) and publishing
+again gives a new number, and logs and dashboards never name two models with one number.
+Publishers take an flock on `models/<name>/.publish.lock` while they choose the number,
+rename and raise the mark, so concurrent trainers on one host (or a file system with working
+flock) never collide; the no-replace rename keeps even a publisher without the lock from
+overwriting a version. The mark only rises, and a missing or damaged one counts as 0 (the
+directories on disk still bound the next number from below).
+
 The staging directory is `.tmp-<host>-<pid>-XXXX`. A trainer killed while staging leaves it
 behind; the next publish into the same model removes those whose trainer is gone: on this
 host, a pid that no longer runs; otherwise (another host on a shared volume, or a name
@@ -26,13 +35,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import re
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from service.model import Model, save_model
@@ -47,6 +57,8 @@ FILE_MODE = 0o644
 STAGING_PREFIX = ".tmp-"
 # A staging directory whose owner cannot be checked is stale once untouched this long.
 STALE_STAGING_AGE_S = 3600.0
+HIGH_WATER_FILE = ".version-high-water"
+LOCK_FILE = ".publish.lock"
 _STAGING = re.compile(r"^\.tmp-(?P<host>[A-Za-z0-9_.]*)-(?P<pid>[0-9]+)-")
 
 
@@ -63,10 +75,43 @@ def versions(repo: Path) -> list[int]:
     return sorted(int(n) for n in names if _VERSION.match(n) and (repo / n).is_dir())
 
 
+def high_water(repo: Path) -> int:
+    """The highest version number ever published into `repo` (0: none recorded)."""
+    try:
+        with open(repo / HIGH_WATER_FILE, "rb") as f:
+            text = f.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return 0
+    return int(text) if _VERSION.match(text) and len(text) <= 19 else 0
+
+
 def next_version(repo: Path) -> int:
-    """Highest existing integer + 1 (1 for an empty repository)."""
+    """One past both the highest version on disk and the high-water mark (1 when new)."""
     existing = versions(repo)
-    return existing[-1] + 1 if existing else 1
+    return max(existing[-1] if existing else 0, high_water(repo)) + 1
+
+
+def _raise_high_water(repo: Path, version: int) -> None:
+    """Record `version` as published (temp file, fsync, rename: never a torn mark)."""
+    if high_water(repo) >= version:
+        return
+    tmp = repo / f"{HIGH_WATER_FILE}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{version}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, repo / HIGH_WATER_FILE)
+
+
+@contextlib.contextmanager
+def _publish_lock(repo: Path) -> Iterator[None]:
+    """Exclusive among publishers of one model while a number is chosen and taken."""
+    fd = os.open(repo / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def fsync_dir(path: Path) -> None:
@@ -207,11 +252,17 @@ def _fsync_file(path: Path) -> None:
 
 
 def _rename_into_place(tmp: Path, repo: Path) -> tuple[int, Path]:
+    with _publish_lock(repo):
+        return _take_number(tmp, repo)
+
+
+def _take_number(tmp: Path, repo: Path) -> tuple[int, Path]:
     version = next_version(repo)
     for _ in range(MAX_RACE_RETRIES):
         target = repo / str(version)
         try:
             rename_noreplace(tmp, target)
+            _raise_high_water(repo, version)
             return version, target
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):

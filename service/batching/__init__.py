@@ -6,12 +6,13 @@ from service.batching.admission import (
     RESUME_FRACTION,
 )
 from service.batching.batcher import Batcher
-from service.batching.contract import ForwardObserver, Prediction, Waiter
+from service.batching.contract import Array, ForwardObserver, Prediction, Waiter
 
 __all__ = [
     "CHARGE_PER_WIRE_BYTE",
     "REQUEST_OVERHEAD_BYTES",
     "RESUME_FRACTION",
+    "Array",
     "Batcher",
     "ForwardObserver",
     "Prediction",

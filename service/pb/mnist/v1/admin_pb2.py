@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from service.pb.mnist.v1 import classifier_pb2 as mnist_dot_v1_dot_classifier__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mnist/v1/admin.proto\x12\x08mnist.v1\x1a\x19mnist/v1/classifier.proto\"\x18\n\x16\x41\x64minListModelsRequest\"E\n\x17\x41\x64minListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.mnist.v1.AdminModelStatus\"9\n\x17\x41\x64minLoadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\";\n\x19\x41\x64minUnloadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"?\n\x1d\x41\x64minSetCurrentVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"E\n\x14\x41\x64minSetLabelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x14\n\x12\x41\x64minRescanRequest\"|\n\x12\x41\x64minVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.mnist.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\"\xf8\x01\n\x10\x41\x64minModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63urrent_pinned\x18\x03 \x01(\x08\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12.\n\x08versions\x18\x05 \x03(\x0b\x32\x1c.mnist.v1.AdminVersionStatus\x12\x36\n\x06labels\x18\x06 \x03(\x0b\x32&.mnist.v1.AdminModelStatus.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xe7\x03\n\x05\x41\x64min\x12Q\n\nListModels\x12 .mnist.v1.AdminListModelsRequest\x1a!.mnist.v1.AdminListModelsResponse\x12L\n\x0bLoadVersion\x12!.mnist.v1.AdminLoadVersionRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12P\n\rUnloadVersion\x12#.mnist.v1.AdminUnloadVersionRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12X\n\x11SetCurrentVersion\x12\'.mnist.v1.AdminSetCurrentVersionRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12\x46\n\x08SetLabel\x12\x1e.mnist.v1.AdminSetLabelRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12I\n\x06Rescan\x12\x1c.mnist.v1.AdminRescanRequest\x1a!.mnist.v1.AdminListModelsResponseB9\n\x12io.mnistserving.v1P\x01Z!mnistserving/gen/mnist/v1;mnistv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mnist/v1/admin.proto\x12\x08mnist.v1\x1a\x19mnist/v1/classifier.proto\"K\n\x1a\x41\x64minPromoteVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"H\n\x15\x41\x64minSetCanaryRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07percent\x18\x03 \x01(\x01\"7\n\x15\x41\x64minSetShadowRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x18\n\x16\x41\x64minListModelsRequest\"E\n\x17\x41\x64minListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.mnist.v1.AdminModelStatus\"9\n\x17\x41\x64minLoadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\";\n\x19\x41\x64minUnloadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"M\n\x1d\x41\x64minSetCurrentVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04hold\x18\x03 \x01(\x08\"E\n\x14\x41\x64minSetLabelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x14\n\x12\x41\x64minRescanRequest\"|\n\x12\x41\x64minVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.mnist.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\"\xd6\x02\n\x10\x41\x64minModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63urrent_pinned\x18\x03 \x01(\x08\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12.\n\x08versions\x18\x05 \x03(\x0b\x32\x1c.mnist.v1.AdminVersionStatus\x12\x36\n\x06labels\x18\x06 \x03(\x0b\x32&.mnist.v1.AdminModelStatus.LabelsEntry\x12\x16\n\x0e\x63\x61nary_version\x18\x07 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x08 \x01(\x01\x12\x16\n\x0eshadow_version\x18\t \x01(\x03\x12\x14\n\x0crollout_note\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xcf\x05\n\x05\x41\x64min\x12Q\n\nListModels\x12 .mnist.v1.AdminListModelsRequest\x1a!.mnist.v1.AdminListModelsResponse\x12L\n\x0bLoadVersion\x12!.mnist.v1.AdminLoadVersionRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12P\n\rUnloadVersion\x12#.mnist.v1.AdminUnloadVersionRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12X\n\x11SetCurrentVersion\x12\'.mnist.v1.AdminSetCurrentVersionRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12\x46\n\x08SetLabel\x12\x1e.mnist.v1.AdminSetLabelRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12I\n\x06Rescan\x12\x1c.mnist.v1.AdminRescanRequest\x1a!.mnist.v1.AdminListModelsResponse\x12R\n\x0ePromoteVersion\x12$.mnist.v1.AdminPromoteVersionRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12H\n\tSetCanary\x12\x1f.mnist.v1.AdminSetCanaryRequest\x1a\x1a.mnist.v1.AdminModelStatus\x12H\n\tSetShadow\x12\x1f.mnist.v1.AdminSetShadowRequest\x1a\x1a.mnist.v1.AdminModelStatusB9\n\x12io.mnistserving.v1P\x01Z!mnistserving/gen/mnist/v1;mnistv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\022io.mnistserving.v1P\001Z!mnistserving/gen/mnist/v1;mnistv1'
   _globals['_ADMINMODELSTATUS_LABELSENTRY']._loaded_options = None
   _globals['_ADMINMODELSTATUS_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ADMINLISTMODELSREQUEST']._serialized_start=61
-  _globals['_ADMINLISTMODELSREQUEST']._serialized_end=85
-  _globals['_ADMINLISTMODELSRESPONSE']._serialized_start=87
-  _globals['_ADMINLISTMODELSRESPONSE']._serialized_end=156
-  _globals['_ADMINLOADVERSIONREQUEST']._serialized_start=158
-  _globals['_ADMINLOADVERSIONREQUEST']._serialized_end=215
-  _globals['_ADMINUNLOADVERSIONREQUEST']._serialized_start=217
-  _globals['_ADMINUNLOADVERSIONREQUEST']._serialized_end=276
-  _globals['_ADMINSETCURRENTVERSIONREQUEST']._serialized_start=278
-  _globals['_ADMINSETCURRENTVERSIONREQUEST']._serialized_end=341
-  _globals['_ADMINSETLABELREQUEST']._serialized_start=343
-  _globals['_ADMINSETLABELREQUEST']._serialized_end=412
-  _globals['_ADMINRESCANREQUEST']._serialized_start=414
-  _globals['_ADMINRESCANREQUEST']._serialized_end=434
-  _globals['_ADMINVERSIONSTATUS']._serialized_start=436
-  _globals['_ADMINVERSIONSTATUS']._serialized_end=560
-  _globals['_ADMINMODELSTATUS']._serialized_start=563
-  _globals['_ADMINMODELSTATUS']._serialized_end=811
-  _globals['_ADMINMODELSTATUS_LABELSENTRY']._serialized_start=766
-  _globals['_ADMINMODELSTATUS_LABELSENTRY']._serialized_end=811
-  _globals['_ADMIN']._serialized_start=814
-  _globals['_ADMIN']._serialized_end=1301
+  _globals['_ADMINPROMOTEVERSIONREQUEST']._serialized_start=61
+  _globals['_ADMINPROMOTEVERSIONREQUEST']._serialized_end=136
+  _globals['_ADMINSETCANARYREQUEST']._serialized_start=138
+  _globals['_ADMINSETCANARYREQUEST']._serialized_end=210
+  _globals['_ADMINSETSHADOWREQUEST']._serialized_start=212
+  _globals['_ADMINSETSHADOWREQUEST']._serialized_end=267
+  _globals['_ADMINLISTMODELSREQUEST']._serialized_start=269
+  _globals['_ADMINLISTMODELSREQUEST']._serialized_end=293
+  _globals['_ADMINLISTMODELSRESPONSE']._serialized_start=295
+  _globals['_ADMINLISTMODELSRESPONSE']._serialized_end=364
+  _globals['_ADMINLOADVERSIONREQUEST']._serialized_start=366
+  _globals['_ADMINLOADVERSIONREQUEST']._serialized_end=423
+  _globals['_ADMINUNLOADVERSIONREQUEST']._serialized_start=425
+  _globals['_ADMINUNLOADVERSIONREQUEST']._serialized_end=484
+  _globals['_ADMINSETCURRENTVERSIONREQUEST']._serialized_start=486
+  _globals['_ADMINSETCURRENTVERSIONREQUEST']._serialized_end=563
+  _globals['_ADMINSETLABELREQUEST']._serialized_start=565
+  _globals['_ADMINSETLABELREQUEST']._serialized_end=634
+  _globals['_ADMINRESCANREQUEST']._serialized_start=636
+  _globals['_ADMINRESCANREQUEST']._serialized_end=656
+  _globals['_ADMINVERSIONSTATUS']._serialized_start=658
+  _globals['_ADMINVERSIONSTATUS']._serialized_end=782
+  _globals['_ADMINMODELSTATUS']._serialized_start=785
+  _globals['_ADMINMODELSTATUS']._serialized_end=1127
+  _globals['_ADMINMODELSTATUS_LABELSENTRY']._serialized_start=1082
+  _globals['_ADMINMODELSTATUS_LABELSENTRY']._serialized_end=1127
+  _globals['_ADMIN']._serialized_start=1130
+  _globals['_ADMIN']._serialized_end=1849
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,21 @@ class AdminStub:
                 request_serializer=mnist_dot_v1_dot_admin__pb2.AdminRescanRequest.SerializeToString,
                 response_deserializer=mnist_dot_v1_dot_admin__pb2.AdminListModelsResponse.FromString,
                 _registered_method=True)
+        self.PromoteVersion = channel.unary_unary(
+                '/mnist.v1.Admin/PromoteVersion',
+                request_serializer=mnist_dot_v1_dot_admin__pb2.AdminPromoteVersionRequest.SerializeToString,
+                response_deserializer=mnist_dot_v1_dot_admin__pb2.AdminModelStatus.FromString,
+                _registered_method=True)
+        self.SetCanary = channel.unary_unary(
+                '/mnist.v1.Admin/SetCanary',
+                request_serializer=mnist_dot_v1_dot_admin__pb2.AdminSetCanaryRequest.SerializeToString,
+                response_deserializer=mnist_dot_v1_dot_admin__pb2.AdminModelStatus.FromString,
+                _registered_method=True)
+        self.SetShadow = channel.unary_unary(
+                '/mnist.v1.Admin/SetShadow',
+                request_serializer=mnist_dot_v1_dot_admin__pb2.AdminSetShadowRequest.SerializeToString,
+                response_deserializer=mnist_dot_v1_dot_admin__pb2.AdminModelStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -116,6 +131,35 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteVersion(self, request, context):
+        """Make a version current (a pin, as SetCurrentVersion) and end its canary or shadow. A
+        version its quality gate REJECTED is refused (FAILED_PRECONDITION, with the figures)
+        unless `force`; a forced one serves with reason "forced" and a log line.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCanary(self, request, context):
+        """Send `percent` of the requests naming no version or label to a canary version (by the
+        request's routing_key when it has one, at random otherwise); the current version is
+        held meanwhile. Version 0 ends the canary (the current version stays). The canary is
+        rolled back automatically when its error rate, disagreement with the current version or
+        prediction-distribution divergence passes the server's thresholds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetShadow(self, request, context):
+        """Send a copy of live traffic to a version whose answers are compared with the current
+        version's and never returned (bounded: a full queue drops copies and counts them).
+        Version 0 ends it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +192,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Rescan,
                     request_deserializer=mnist_dot_v1_dot_admin__pb2.AdminRescanRequest.FromString,
                     response_serializer=mnist_dot_v1_dot_admin__pb2.AdminListModelsResponse.SerializeToString,
+            ),
+            'PromoteVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteVersion,
+                    request_deserializer=mnist_dot_v1_dot_admin__pb2.AdminPromoteVersionRequest.FromString,
+                    response_serializer=mnist_dot_v1_dot_admin__pb2.AdminModelStatus.SerializeToString,
+            ),
+            'SetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanary,
+                    request_deserializer=mnist_dot_v1_dot_admin__pb2.AdminSetCanaryRequest.FromString,
+                    response_serializer=mnist_dot_v1_dot_admin__pb2.AdminModelStatus.SerializeToString,
+            ),
+            'SetShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadow,
+                    request_deserializer=mnist_dot_v1_dot_admin__pb2.AdminSetShadowRequest.FromString,
+                    response_serializer=mnist_dot_v1_dot_admin__pb2.AdminModelStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +371,87 @@ class Admin:
             '/mnist.v1.Admin/Rescan',
             mnist_dot_v1_dot_admin__pb2.AdminRescanRequest.SerializeToString,
             mnist_dot_v1_dot_admin__pb2.AdminListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Admin/PromoteVersion',
+            mnist_dot_v1_dot_admin__pb2.AdminPromoteVersionRequest.SerializeToString,
+            mnist_dot_v1_dot_admin__pb2.AdminModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Admin/SetCanary',
+            mnist_dot_v1_dot_admin__pb2.AdminSetCanaryRequest.SerializeToString,
+            mnist_dot_v1_dot_admin__pb2.AdminModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.Admin/SetShadow',
+            mnist_dot_v1_dot_admin__pb2.AdminSetShadowRequest.SerializeToString,
+            mnist_dot_v1_dot_admin__pb2.AdminModelStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mnist/v1/classifier.proto\x12\x08mnist.v1\"\xc4\x01\n\x0f\x43lassifyRequest\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12$\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x12.mnist.v1.Encoding\x12\x13\n\x0bimage_count\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x15\n\rversion_label\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rpacked_output\x18\x08 \x01(\x08J\x04\x08\t\x10\x10\"6\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x19\n\rprobabilities\x18\x02 \x03(\x02\x42\x02\x10\x01\"\xa8\x01\n\x10\x43lassifyResponse\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.mnist.v1.Prediction\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\x06labels\x18\x05 \x03(\x05\x42\x02\x10\x01\x12\x1b\n\x13probabilities_f32le\x18\x06 \x01(\x0cJ\x04\x08\x07\x10\x10\"@\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"z\n\x16\x43lassifyStreamResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1a.mnist.v1.ClassifyResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.mnist.v1.StreamErrorH\x00\x42\x08\n\x06result\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.mnist.v1.ModelInfo\"U\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.mnist.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x87\x01\n\tInputSpec\x12\r\n\x05shape\x18\x01 \x03(\x05\x12%\n\tencodings\x18\x02 \x03(\x0e\x32\x12.mnist.v1.Encoding\x12\x11\n\tfloat_min\x18\x03 \x01(\x02\x12\x11\n\tfloat_max\x18\x04 \x01(\x02\x12\x1e\n\x16max_images_per_request\x18\x05 \x01(\r\"\xb1\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x03\x12\'\n\x08versions\x18\x03 \x03(\x0b\x32\x15.mnist.v1.VersionInfo\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.mnist.v1.ModelInfo.LabelsEntry\x12\"\n\x05input\x18\x05 \x01(\x0b\x32\x13.mnist.v1.InputSpec\x12\x14\n\x0c\x63lass_labels\x18\x06 \x03(\t\x12\x42\n\x10training_metrics\x18\x07 \x03(\x0b\x32(.mnist.v1.ModelInfo.TrainingMetricsEntry\x12\x13\n\x0blayer_sizes\x18\x08 \x03(\x05\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x15\n\rmetadata_json\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x36\n\x14TrainingMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*Q\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45NCODING_UINT8\x10\x01\x12\x17\n\x13\x45NCODING_FLOAT32_LE\x10\x02*\x9b\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x1b\n\x17VERSION_STATE_AVAILABLE\x10\x02\x12\x18\n\x14VERSION_STATE_FAILED\x10\x03\x12\x1a\n\x16VERSION_STATE_UNLOADED\x10\x04\x32\xaf\x02\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.mnist.v1.ClassifyRequest\x1a\x1a.mnist.v1.ClassifyResponse\x12Q\n\x0e\x43lassifyStream\x12\x19.mnist.v1.ClassifyRequest\x1a .mnist.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x42\n\x0cGetModelInfo\x12\x1d.mnist.v1.GetModelInfoRequest\x1a\x13.mnist.v1.ModelInfo\x12G\n\nListModels\x12\x1b.mnist.v1.ListModelsRequest\x1a\x1c.mnist.v1.ListModelsResponseB9\n\x12io.mnistserving.v1P\x01Z!mnistserving/gen/mnist/v1;mnistv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mnist/v1/classifier.proto\x12\x08mnist.v1\"\xe9\x01\n\x0f\x43lassifyRequest\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12$\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x12.mnist.v1.Encoding\x12\x13\n\x0bimage_count\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x15\n\rversion_label\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rpacked_output\x18\x08 \x01(\x08\x12\x0e\n\x06images\x18\t \x03(\x0c\x12\x13\n\x0brouting_key\x18\x10 \x01(\tJ\x04\x08\n\x10\x10\"6\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x19\n\rprobabilities\x18\x02 \x03(\x02\x42\x02\x10\x01\"\xa8\x01\n\x10\x43lassifyResponse\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.mnist.v1.Prediction\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\x06labels\x18\x05 \x03(\x05\x42\x02\x10\x01\x12\x1b\n\x13probabilities_f32le\x18\x06 \x01(\x0cJ\x04\x08\x07\x10\x10\"@\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"z\n\x16\x43lassifyStreamResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1a.mnist.v1.ClassifyResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.mnist.v1.StreamErrorH\x00\x42\x08\n\x06result\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.mnist.v1.ModelInfo\"U\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.mnist.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x87\x01\n\tInputSpec\x12\r\n\x05shape\x18\x01 \x03(\x05\x12%\n\tencodings\x18\x02 \x03(\x0e\x32\x12.mnist.v1.Encoding\x12\x11\n\tfloat_min\x18\x03 \x01(\x02\x12\x11\n\tfloat_max\x18\x04 \x01(\x02\x12\x1e\n\x16max_images_per_request\x18\x05 \x01(\r\"\x91\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x03\x12\'\n\x08versions\x18\x03 \x03(\x0b\x32\x15.mnist.v1.VersionInfo\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.mnist.v1.ModelInfo.LabelsEntry\x12\"\n\x05input\x18\x05 \x01(\x0b\x32\x13.mnist.v1.InputSpec\x12\x14\n\x0c\x63lass_labels\x18\x06 \x03(\t\x12\x42\n\x10training_metrics\x18\x07 \x03(\x0b\x32(.mnist.v1.ModelInfo.TrainingMetricsEntry\x12\x13\n\x0blayer_sizes\x18\x08 \x03(\x05\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x15\n\rmetadata_json\x18\n \x01(\t\x12\x16\n\x0e\x63urrent_pinned\x18\x0b \x01(\x08\x12\x16\n\x0e\x63\x61nary_version\x18\x0c \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\r \x01(\x01\x12\x16\n\x0eshadow_version\x18\x0e \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x36\n\x14TrainingMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*Q\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45NCODING_UINT8\x10\x01\x12\x17\n\x13\x45NCODING_FLOAT32_LE\x10\x02*\xb7\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x1b\n\x17VERSION_STATE_AVAILABLE\x10\x02\x12\x18\n\x14VERSION_STATE_FAILED\x10\x03\x12\x1a\n\x16VERSION_STATE_UNLOADED\x10\x04\x12\x1a\n\x16VERSION_STATE_REJECTED\x10\x05\x32\xaf\x02\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.mnist.v1.ClassifyRequest\x1a\x1a.mnist.v1.ClassifyResponse\x12Q\n\x0e\x43lassifyStream\x12\x19.mnist.v1.ClassifyRequest\x1a .mnist.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x42\n\x0cGetModelInfo\x12\x1d.mnist.v1.GetModelInfoRequest\x1a\x13.mnist.v1.ModelInfo\x12G\n\nListModels\x12\x1b.mnist.v1.ListModelsRequest\x1a\x1c.mnist.v1.ListModelsResponseB9\n\x12io.mnistserving.v1P\x01Z!mnistserving/gen/mnist/v1;mnistv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,36 +40,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_TRAININGMETRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=1434
-  _globals['_ENCODING']._serialized_end=1515
-  _globals['_VERSIONSTATE']._serialized_start=1518
-  _globals['_VERSIONSTATE']._serialized_end=1673
+  _globals['_ENCODING']._serialized_start=1567
+  _globals['_ENCODING']._serialized_end=1648
+  _globals['_VERSIONSTATE']._serialized_start=1651
+  _globals['_VERSIONSTATE']._serialized_end=1834
   _globals['_CLASSIFYREQUEST']._serialized_start=40
-  _globals['_CLASSIFYREQUEST']._serialized_end=236
-  _globals['_PREDICTION']._serialized_start=238
-  _globals['_PREDICTION']._serialized_end=292
-  _globals['_CLASSIFYRESPONSE']._serialized_start=295
-  _globals['_CLASSIFYRESPONSE']._serialized_end=463
-  _globals['_STREAMERROR']._serialized_start=465
-  _globals['_STREAMERROR']._serialized_end=529
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=531
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=653
-  _globals['_GETMODELINFOREQUEST']._serialized_start=655
-  _globals['_GETMODELINFOREQUEST']._serialized_end=691
-  _globals['_LISTMODELSREQUEST']._serialized_start=693
-  _globals['_LISTMODELSREQUEST']._serialized_end=712
-  _globals['_LISTMODELSRESPONSE']._serialized_start=714
-  _globals['_LISTMODELSRESPONSE']._serialized_end=771
-  _globals['_VERSIONINFO']._serialized_start=773
-  _globals['_VERSIONINFO']._serialized_end=858
-  _globals['_INPUTSPEC']._serialized_start=861
-  _globals['_INPUTSPEC']._serialized_end=996
-  _globals['_MODELINFO']._serialized_start=999
-  _globals['_MODELINFO']._serialized_end=1432
-  _globals['_MODELINFO_LABELSENTRY']._serialized_start=1331
-  _globals['_MODELINFO_LABELSENTRY']._serialized_end=1376
-  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_start=1378
-  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_end=1432
-  _globals['_CLASSIFIER']._serialized_start=1676
-  _globals['_CLASSIFIER']._serialized_end=1979
+  _globals['_CLASSIFYREQUEST']._serialized_end=273
+  _globals['_PREDICTION']._serialized_start=275
+  _globals['_PREDICTION']._serialized_end=329
+  _globals['_CLASSIFYRESPONSE']._serialized_start=332
+  _globals['_CLASSIFYRESPONSE']._serialized_end=500
+  _globals['_STREAMERROR']._serialized_start=502
+  _globals['_STREAMERROR']._serialized_end=566
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=568
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=690
+  _globals['_GETMODELINFOREQUEST']._serialized_start=692
+  _globals['_GETMODELINFOREQUEST']._serialized_end=728
+  _globals['_LISTMODELSREQUEST']._serialized_start=730
+  _globals['_LISTMODELSREQUEST']._serialized_end=749
+  _globals['_LISTMODELSRESPONSE']._serialized_start=751
+  _globals['_LISTMODELSRESPONSE']._serialized_end=808
+  _globals['_VERSIONINFO']._serialized_start=810
+  _globals['_VERSIONINFO']._serialized_end=895
+  _globals['_INPUTSPEC']._serialized_start=898
+  _globals['_INPUTSPEC']._serialized_end=1033
+  _globals['_MODELINFO']._serialized_start=1036
+  _globals['_MODELINFO']._serialized_end=1565
+  _globals['_MODELINFO_LABELSENTRY']._serialized_start=1464
+  _globals['_MODELINFO_LABELSENTRY']._serialized_end=1509
+  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_start=1511
+  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_end=1565
+  _globals['_CLASSIFIER']._serialized_start=1837
+  _globals['_CLASSIFIER']._serialized_end=2140
 # @@protoc_insertion_point(module_scope)

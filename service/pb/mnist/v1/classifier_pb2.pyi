@@ -20,6 +20,7 @@ class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VERSION_STATE_AVAILABLE: _ClassVar[VersionState]
     VERSION_STATE_FAILED: _ClassVar[VersionState]
     VERSION_STATE_UNLOADED: _ClassVar[VersionState]
+    VERSION_STATE_REJECTED: _ClassVar[VersionState]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_UINT8: Encoding
 ENCODING_FLOAT32_LE: Encoding
@@ -28,9 +29,10 @@ VERSION_STATE_LOADING: VersionState
 VERSION_STATE_AVAILABLE: VersionState
 VERSION_STATE_FAILED: VersionState
 VERSION_STATE_UNLOADED: VersionState
+VERSION_STATE_REJECTED: VersionState
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id", "packed_output")
+    __slots__ = ("pixels", "encoding", "image_count", "model", "version", "version_label", "request_id", "packed_output", "images", "routing_key")
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +41,8 @@ class ClassifyRequest(_message.Message):
     VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PACKED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     pixels: bytes
     encoding: Encoding
     image_count: int
@@ -47,7 +51,9 @@ class ClassifyRequest(_message.Message):
     version_label: str
     request_id: str
     packed_output: bool
-    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_output: _Optional[bool] = ...) -> None: ...
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    routing_key: str
+    def __init__(self, pixels: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., image_count: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_output: _Optional[bool] = ..., images: _Optional[_Iterable[bytes]] = ..., routing_key: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "probabilities")
@@ -132,7 +138,7 @@ class InputSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., float_min: _Optional[float] = ..., float_max: _Optional[float] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "current_version", "versions", "labels", "input", "class_labels", "training_metrics", "layer_sizes", "created_at", "metadata_json")
+    __slots__ = ("name", "current_version", "versions", "labels", "input", "class_labels", "training_metrics", "layer_sizes", "created_at", "metadata_json", "current_pinned", "canary_version", "canary_percent", "shadow_version")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +163,10 @@ class ModelInfo(_message.Message):
     LAYER_SIZES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_PINNED_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     current_version: int
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
@@ -167,4 +177,8 @@ class ModelInfo(_message.Message):
     layer_sizes: _containers.RepeatedScalarFieldContainer[int]
     created_at: str
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., labels: _Optional[_Mapping[str, int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., training_metrics: _Optional[_Mapping[str, float]] = ..., layer_sizes: _Optional[_Iterable[int]] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    current_pinned: bool
+    canary_version: int
+    canary_percent: float
+    shadow_version: int
+    def __init__(self, name: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., labels: _Optional[_Mapping[str, int]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_labels: _Optional[_Iterable[str]] = ..., training_metrics: _Optional[_Mapping[str, float]] = ..., layer_sizes: _Optional[_Iterable[int]] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ..., current_pinned: _Optional[bool] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., shadow_version: _Optional[int] = ...) -> None: ...

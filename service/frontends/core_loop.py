@@ -1,4 +1,4 @@
-"""The asyncio side of service/transport.py: one call served as grpc.aio would serve it.
+"""The asyncio side of service/frontends/core.py: one call served as grpc.aio would serve it.
 
 CoreServer's polling thread hands every call that is not a fast method to the event loop;
 `serve(rpc)` runs its grpc.aio-style handler there (unary or streaming, async or plain) with a

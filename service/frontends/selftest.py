@@ -1,7 +1,7 @@
 """Prove the core front end on the running grpcio before serving with it.
 
-`transport.CoreServer` is built on grpcio's private `cygrpc` layer: a grpcio release may
-change it in ways `transport.unavailable_reason()` (a check of the names it uses) cannot see.
+`core.CoreServer` is built on grpcio's private `cygrpc` layer: a grpcio release may
+change it in ways `core.unavailable_reason()` (a check of the names it uses) cannot see.
 So before the server listens, `core_frontend_problem` starts a throwaway CoreServer on
 loopback with the real Classify and health servicers and makes one real round trip through
 each lane: Classify on the polling thread (a malformed request, answered by the handler
@@ -23,19 +23,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import servicer as classifier
-from service import transport
 from service.batching import Batcher
-from service.config import Settings
+from service.frontends import core, grpc_frontend
+from service.frontends.core import CoreServer, FastCall
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.registry import ModelRegistry
-from service.transport import CoreServer, FastCall
 
 log = logging.getLogger(__name__)
 
 # The whole self-test; a loopback round trip takes milliseconds.
 SELFTEST_TIMEOUT_S = 10.0
-_CLASSIFY = f"/{classifier.SERVICE_NAME}/Classify"
+_CLASSIFY = classifier.CLASSIFY_PATH
 _CHECK = "/grpc.health.v1.Health/Check"
 
 
@@ -44,15 +43,18 @@ class SelfTestFailed(Exception):
 
 
 async def core_frontend_problem(
-    settings: Settings, registry: ModelRegistry, *, options: list[tuple[str, object]]
+    registry: ModelRegistry, *, options: list[tuple[str, object]], max_batch_rows: int,
+    max_queue_rows: int, broken: bool = False,
 ) -> str | None:
-    """None when the core front end works on this grpcio; else why it does not."""
-    reason = transport.unavailable_reason()
+    """None when the core front end works on this grpcio; else why it does not. The batcher
+    bounds are the server's; `broken` is --fault-injection selftest."""
+    reason = core.unavailable_reason()
     if reason is not None:
         return reason
     try:
-        await asyncio.wait_for(_round_trips(settings, registry, options),
-                               SELFTEST_TIMEOUT_S)
+        await asyncio.wait_for(
+            _round_trips(registry, options, max_batch_rows, max_queue_rows, broken),
+            SELFTEST_TIMEOUT_S)
     except TimeoutError:
         return f"no answer within {SELFTEST_TIMEOUT_S} s"
     except Exception as e:  # whatever broke, the answer is "do not use it"
@@ -67,17 +69,18 @@ def _broken_classify(call: FastCall, raw: bytes) -> None:
 
 
 async def _round_trips(
-    settings: Settings, registry: ModelRegistry, options: list[tuple[str, object]]
+    registry: ModelRegistry, options: list[tuple[str, object]], max_batch_rows: int,
+    max_queue_rows: int, broken: bool,
 ) -> None:
     metrics = Metrics.disabled()
-    batcher = Batcher(registry, metrics, max_batch_rows=settings.max_batch_rows,
-                      max_batch_wait_s=0.0, max_queue_rows=settings.max_queue_rows)
+    batcher = Batcher(registry, metrics, max_batch_rows=max_batch_rows,
+                      max_batch_wait_s=0.0, max_queue_rows=max_queue_rows)
+    servicer = classifier.ClassifierServicer(registry, batcher, metrics, max_images=1)
+    # Built as the server builds its own: the data plane's fast lanes plugged in.
     server = CoreServer(options)
-    server.add_idle_hook(batcher.run_queued)
-    classifier.add_to_server(
-        classifier.ClassifierServicer(registry, batcher, metrics, max_images=1), server
-    )
-    if settings.fault_injection == "selftest":
+    classifier.add_to_server(servicer, server)
+    grpc_frontend.plug_fast_lanes(server, servicer.fast_methods(), [batcher.run_queued])
+    if broken:
         server.add_fast_method(_CLASSIFY, _broken_classify)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")

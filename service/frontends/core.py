@@ -7,7 +7,8 @@ socket), the threaded `grpc.server` ~110 us (a thread hand-off or two per call).
 polls gRPC core's completion queue itself and answers in the same thread costs ~40 us a call,
 measured with the same load generator. So:
 
-* **Fast methods** (`add_fast_method`: Classify) are handled entirely on the polling thread:
+* **Fast methods** (`add_fast_method`: the data plane's fast lanes, Classify and ModelInfer,
+  plugged in by service/frontends/grpc_frontend.py) are handled entirely on the polling thread:
   the request bytes go to a handler that either answers at once (a bad request) or queues the
   work; after each turn of completions (all that are waiting, but at most
   `completions_per_turn`) the idle hooks run (the batcher computes one due batch, one forward
@@ -19,14 +20,15 @@ measured with the same load generator. So:
   waited (the batcher sheds load that way: docs/serving.md, "Overload").
 * **Everything else** (health, reflection, streaming, admin, the v2 API) runs unchanged as
   grpc.aio-style handlers on the asyncio loop: the polling thread hands each new call to the
-  loop, and each completion back, with `call_soon_threadsafe`; service/transport_loop.py runs
+  loop, and each completion back, with `call_soon_threadsafe`; service/frontends/core_loop.py runs
   them there, with a `Context` that implements the part of `grpc.aio.ServicerContext` they use.
 
 `CoreServer` is a `grpc.aio.Server`, so `add_*_to_server`, health and reflection register on it
 as on any server. It uses `grpc._cython.cygrpc`, the layer grpcio's own two servers are built
 on; it is private API, so tests/test_transport.py exercises every path, `unavailable_reason()`
 makes the server fall back to grpc.aio on a grpcio that lacks what this module uses, and
-`--frontend aio` serves through plain grpc.aio on request (service/server.py).
+`--frontend aio` serves through plain grpc.aio on request (service/server.py). This module
+knows nothing of the APIs: it carries bytes to the handlers it is given.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any, NamedTuple
 import grpc
 from grpc._cython import cygrpc
 
-from service.transport_loop import NO_FLAGS, Context, Rpc, serve, status_int
+from service.frontends.core_loop import NO_FLAGS, Context, Rpc, serve, status_int
 
 log = logging.getLogger(__name__)
 
