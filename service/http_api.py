@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from service import http_codec, oip
 from service import oip_codec as tensors
-from service.batcher import CHARGE_PER_WIRE_BYTE, Batcher, Prediction
+from service.batching import CHARGE_PER_WIRE_BYTE, Batcher, Prediction
 from service.dataplane import InferJob, InferPipeline, InferRequest, RequestScope
 from service.errors import NotFound, Unavailable
 from service.metrics import Metrics

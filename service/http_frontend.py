@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import httptools
 
 from service import http_codec, oip
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.config import Settings
 from service.errors import ServiceError, status_of
 from service.http_api import OipRestApi, RestApi

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 
 from service import admin
 from service import oip_codec as tensors
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.config import Settings
 from service.dataplane import DataPlane, FastMethod, InferPipeline
 from service.errors import (

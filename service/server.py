@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from service import admin, http_frontend, oip
 from service import servicer as classifier
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.config import Settings
 from service.fatal import die
 from service.frontends import grpc_frontend, selftest

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from service import codec
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.dataplane import ClassifyPipeline, DataPlane, FastMethod, RequestScope
 from service.errors import NotFound, ServiceError, status_of
 from service.images import ImageDecoder

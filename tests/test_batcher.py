@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from support.numerics import assert_probabilities
 from support.servers import make_model, write_version
 
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.errors import DeadlineExceeded, NotFound, Overloaded, ServiceError
 from service.metrics import Metrics
 from service.registry import ModelRegistry, ServableVersion

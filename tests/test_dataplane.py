@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support.servers import uint8_request
 
-from service.batcher import Batcher, Prediction
+from service.batching import Batcher, Prediction
 from service.dataplane import (
     ClassifyPipeline,
     DataPlane,

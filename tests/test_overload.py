@@ -26,7 +26,7 @@ from support.servers import uint8_request
 
 from service import oip
 from service import servicer as classifier
-from service.batcher import CHARGE_PER_WIRE_BYTE, REQUEST_OVERHEAD_BYTES, Batcher
+from service.batching import CHARGE_PER_WIRE_BYTE, REQUEST_OVERHEAD_BYTES, Batcher
 from service.config import Settings
 from service.frontends.core import CoreServer, FastCall
 from service.metrics import Metrics

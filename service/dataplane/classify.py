@@ -7,7 +7,7 @@ for the data plane (service/dataplane/plane.py), whichever front end carried the
 from __future__ import annotations
 
 from service import codec
-from service.batcher import Array, Prediction
+from service.batching import Array, Prediction
 from service.dataplane.job import Job
 from service.dataplane.scope import RequestScope
 from service.images import ImageDecoder, classify_blobs

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service import oip_codec as tensors
-from service.batcher import Array, Prediction
+from service.batching import Array, Prediction
 from service.dataplane.job import Job
 from service.dataplane.scope import RequestScope
 from service.images import ImageDecoder, v2_blobs

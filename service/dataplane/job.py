@@ -13,7 +13,7 @@ from typing import Protocol
 
 import grpc
 
-from service.batcher import Array, Prediction
+from service.batching import Array, Prediction
 from service.dataplane.scope import RequestScope
 
 

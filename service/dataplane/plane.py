@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import grpc
 
-from service.batcher import Batcher, Prediction
+from service.batching import Batcher, Prediction
 from service.dataplane.job import Job, Pipeline, Responder
 from service.dataplane.scope import RequestMetrics, RequestScope
 from service.errors import ServiceError

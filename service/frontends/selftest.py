@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import servicer as classifier
-from service.batcher import Batcher
+from service.batching import Batcher
 from service.frontends import core, grpc_frontend
 from service.frontends.core import CoreServer, FastCall
 from service.metrics import Metrics
