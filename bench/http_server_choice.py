@@ -1,5 +1,5 @@
 """Which asyncio HTTP server for the REST front end: httptools (llhttp) under our own
-asyncio.Protocol (service/http_frontend.py) vs aiohttp's web server, measured side by side.
+asyncio.Protocol (service/frontends/http/server.py) vs aiohttp's web server, measured side by side.
 
 Both serve the same route with the same trivial handler (read the body, answer a fixed
 1-image v2 reply), one process each pinned to CPU 0, driven by the same h2load on CPU 1, in
@@ -44,7 +44,7 @@ class _FixedApi:
         pass
 
     async def infer(self, model: str, version: str, body: bytes, header: str | None) -> Any:
-        from service.http_codec import Reply
+        from service.frontends.http.codec import Reply
 
         return Reply(REPLY)
 
@@ -53,7 +53,7 @@ class _FixedApi:
 
 
 async def _serve_httptools(port: int) -> None:
-    from service.http_frontend import HttpFrontend, HttpLimits
+    from service.frontends.http.server import HttpFrontend, HttpLimits
 
     frontend = HttpFrontend(_FixedApi(), HttpLimits())  # type: ignore[arg-type]
     await frontend.start("127.0.0.1", port)

@@ -7,7 +7,7 @@ a decoder stays in it. The price, measured by bench/image_bench.py, is one socke
 per request (not per image: a request's images travel together).
 
 `decode()` blocks: the server calls it from its own small thread pool (one thread per
-process, service/images.py), never from the event loop or gRPC's polling thread.
+process, service/dataplane/images.py), never from the event loop or gRPC's polling thread.
 """
 
 from __future__ import annotations

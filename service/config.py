@@ -54,7 +54,7 @@ class Settings:
     tls_client_ca: Path | None = _opt(
         None, "PEM CA bundle; when set, clients must present a certificate it signed"
     )
-    # --- HTTP/REST (KServe v2 REST, service/http_frontend.py), on --host
+    # --- HTTP/REST (KServe v2 REST, service/frontends/http/server.py), on --host
     http_port: int = _opt(8000, "KServe v2 REST port, beside gRPC (0: no HTTP front end)")
     http_max_connections: int = _opt(
         1024, "HTTP connections open at once at most; one more is answered 503 and closed"
@@ -276,7 +276,10 @@ def validate(s: Settings) -> None:
         problems.append("--tls-cert and --tls-key go together")
     if s.tls_client_ca is not None and s.tls_cert is None:
         problems.append("--tls-client-ca needs --tls-cert and --tls-key")
-    from service.version_policy import parse_labels, parse_policies  # a leaf, like this one
+    from service.registry.version_policy import (  # a leaf, like this one
+        parse_labels,
+        parse_policies,
+    )
 
     for parse, value in ((parse_policies, s.version_policy), (parse_labels, s.version_labels)):
         try:

@@ -32,14 +32,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service import admin, http_frontend, oip
-from service import servicer as classifier
+from service.api import admin, oip
+from service.api import servicer as classifier
 from service.batching import Batcher
 from service.config import Settings
+from service.dataplane.images import ImageDecoder
 from service.fatal import die
 from service.frontends import grpc_frontend, selftest
-from service.images import ImageDecoder
-from service.malformed import Registrar, enable_reflection
+from service.frontends.http import server as http_frontend
+from service.frontends.malformed import Registrar, enable_reflection
 from service.metrics import Metrics, start_exporter
 from service.promotion.monitor import PromotionMonitor, promotion_monitor
 from service.registry import CurrentChanged, ModelRegistry, RegistryEvent

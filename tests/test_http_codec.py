@@ -1,5 +1,5 @@
-"""service/http_codec.py on its own: whatever a caller sends, the answer is a valid request
-or an InvalidInput (a 400), never another exception (a 500)."""
+"""service/frontends/http/codec.py on its own: whatever a caller sends, the answer is a valid
+request or an InvalidInput (a 400), never another exception (a 500)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import http_codec
 from service.errors import InvalidInput
+from service.frontends.http import codec as http_codec
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),

@@ -32,10 +32,10 @@ from support.servers import ServerThread, float_request, probabilities
 from support.versions_util import tiny_model
 
 from mnist_client.cli import main as client_main
-from service import repository
 from service.model import REASONS, ModelFormatError
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from service.storage import repository
 
 X = np.random.default_rng(11).random((2, 784), dtype=np.float32)
 EXPECTED = {seed: tiny_model(seed).predict(X) for seed in (1, 2, 3)}

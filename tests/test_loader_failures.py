@@ -27,14 +27,14 @@ from support.loader_corpus import CASES, Ctx, good_version
 from support.servers import ServerThread
 from support.versions_util import publish_tiny
 
-from service import repository
 from service.errors import FailedPrecondition
-from service.loading import LoadPolicy
 from service.metrics import Metrics
 from service.model import CHECKSUM_FILE, WEIGHTS_FILE, Model, ModelFormatError, load_model
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from service.registry import ModelRegistry, VersionState, VersionStatus
+from service.storage import repository
+from service.storage.loading import LoadPolicy
 
 REJECTED = "mnist_model_rejected_versions_total"
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from support.servers import ServerThread, make_model, skip_or_fail, write_version
 
+from service.api.oip_config import BatchingConfig, model_config, model_config_dict
+from service.api.oip_statistics import statistics_dict
 from service.metrics.version_stats import VersionStats
-from service.oip_config import BatchingConfig, model_config, model_config_dict
-from service.oip_statistics import statistics_dict
 from service.pb.inference import model_config_pb2 as mc
-from service.version_policy import VersionPolicy
+from service.registry.version_policy import VersionPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_PYTHON = ROOT / ".tools" / "triton-venv" / "bin" / "python"

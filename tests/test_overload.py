@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 from support.core_harness import BOUND_S, Harness
 from support.servers import uint8_request
 
-from service import oip
-from service import servicer as classifier
+from service.api import oip
+from service.api import servicer as classifier
 from service.batching import CHARGE_PER_WIRE_BYTE, REQUEST_OVERHEAD_BYTES, Batcher
 from service.config import Settings
 from service.frontends.core import CoreServer, FastCall

@@ -23,7 +23,7 @@ from service.config import load_settings
 from service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from service.metrics import Metrics
 from service.registry import CurrentChanged, ModelRegistry
-from service.version_policy import parse_labels, parse_policies, parse_policy
+from service.registry.version_policy import parse_labels, parse_policies, parse_policy
 
 X = np.random.default_rng(7).random((3, 784), dtype=np.float32)
 

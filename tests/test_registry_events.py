@@ -23,8 +23,8 @@ from service.registry import (
     VersionLoaded,
     VersionUnloaded,
 )
-from service.registry_events import EventBus
-from service.repository import load_inside
+from service.registry.events import EventBus
+from service.storage.repository import load_inside
 
 # --- the bus, with plain data
 

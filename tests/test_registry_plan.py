@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
-from service.registry_plan import ModelView, Override, Plan, plan
-from service.version_policy import parse_policy
+from service.registry.plan import ModelView, Override, Plan, plan
+from service.registry.version_policy import parse_policy
 
 
 def view(on_disk: AbstractSet[int], loaded: AbstractSet[int] = frozenset(), policy: str = "latest",

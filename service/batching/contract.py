@@ -46,7 +46,7 @@ class Waiter(Protocol):
 
 
 class Resolver(Protocol):
-    """Which loaded version answers a request (service/registry.py's ModelRegistry)."""
+    """Which loaded version answers a request (service/registry/__init__.py's ModelRegistry)."""
 
     def default_model(self) -> str: ...
 

@@ -22,10 +22,10 @@ from typing import NamedTuple
 import grpc
 
 from service.batching import Batcher, Prediction
+from service.dataplane.images import ImageDecoder
 from service.dataplane.job import Job, Pipeline, Responder
 from service.dataplane.scope import RequestMetrics, RequestScope
 from service.errors import ServiceError
-from service.images import ImageDecoder
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class DataPlane:
         (ServiceError, or a bug, logged here), counted before it returns or raises.
         `method` overrides the pipeline's metrics label (a stream counts each message);
         `wire_bytes`: what admission charges for `raw` when it is not protobuf (REST's JSON
-        holds more per byte: service/http_api.py), else `len(raw)`."""
+        holds more per byte: service/frontends/http/api.py), else `len(raw)`."""
         scope = RequestScope(self._metrics, method or pipeline.method, inflight=inflight)
         try:
             # Before any decoding: a refusal is cheap.

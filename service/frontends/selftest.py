@@ -22,7 +22,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service import servicer as classifier
+from service.api import servicer as classifier
 from service.batching import Batcher
 from service.frontends import core, grpc_frontend
 from service.frontends.core import CoreServer, FastCall

@@ -3,7 +3,7 @@
 - definitions.py   names, help, labels and buckets of every metric
 - counts.py        the counts the service keeps itself (plain numbers, NumPy bucket arrays)
 - recording.py     `Metrics`: what the service calls on the request path; records into counts
-- lifecycle.py     model-lifecycle metrics (prometheus_client objects) and RegistryMetrics
+- lifecycle.py     model-lifecycle metrics (prometheus_client objects)
 - version_stats.py per-version counts in Triton's terms (ModelStatistics)
 - collector.py     a custom Collector emitting metric families from the counts at scrape time
 - multiprocess.py  `--workers N`: per-worker count snapshots summed by the supervisor
@@ -25,7 +25,6 @@ from service.metrics.exporter import (
     serve_metrics,
     start_exporter,
 )
-from service.metrics.lifecycle import RegistryMetrics
 from service.metrics.multiprocess import (
     MULTIPROC_ENV,
     multiprocess_dir,
@@ -45,7 +44,6 @@ __all__ = [
     "UNKNOWN",
     "Exporter",
     "Metrics",
-    "RegistryMetrics",
     "exposition_registry",
     "multiprocess_dir",
     "prepare_multiprocess",

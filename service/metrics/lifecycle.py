@@ -4,7 +4,8 @@ encoded-image decoding (each decode costs ~1 ms in a decoder process, so one ord
 
 The lifecycle ones change a few times a day, so they stay ordinary prometheus_client metrics
 (public API), which work in multiprocess mode as they are (memory-mapped files, `livemax` gauges).
-`RegistryMetrics` is the registry's event subscriber that feeds them through `Metrics`.
+The registry's event subscriber that feeds them through `Metrics` is
+service/registry/subscribers.py (metrics is a leaf: it imports nothing of the registry).
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.metrics.definitions import LATENCY_BUCKETS_S, LOAD_BUCKETS_S
-from service.registry_events import (
-    CurrentChanged,
-    NameRefused,
-    RegistryEvent,
-    VersionFailed,
-    VersionLoaded,
-    VersionUnloaded,
-)
 
 if TYPE_CHECKING:
-    from service.metrics.recording import Metrics
+    pass
 
 
 class LifecycleMetrics:
@@ -113,27 +106,3 @@ class LifecycleMetrics:
         else:
             with contextlib.suppress(KeyError):
                 self.current_version.remove(model)
-
-
-class RegistryMetrics:
-    """Registry events -> the model metrics: the registry's subscriber (it never calls Metrics).
-
-    `ModelRegistry(model_dir, metrics)` subscribes one; the metric names, labels and values
-    are those the registry used to set directly.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def __call__(self, event: RegistryEvent) -> None:
-        m = self._metrics
-        if isinstance(event, VersionLoaded):
-            m.version_available(event.model, event.version, event.load_s)
-        elif isinstance(event, VersionFailed):
-            m.version_failed(event.model, event.version, event.reason, event.load_s)
-        elif isinstance(event, VersionUnloaded):
-            m.version_unloaded(event.model, event.version)
-        elif isinstance(event, CurrentChanged):
-            m.set_current_version(event.model, event.current)
-        elif isinstance(event, NameRefused):
-            m.name_refused(event.model, event.reason)

@@ -10,7 +10,7 @@ The format (docs/versions.md, "Quality gate"), beside the versions of a model::
 is an input like a model file: both are read with the loader's bounded reads
 (`service.model.read_regular_file`, the npz reader that checks every header before
 allocating, no pickles), and anything wrong with them is a `GateError`. What the registry
-does with a broken gate is its policy (`service.registry_manager`): hold new versions,
+does with a broken gate is its policy (`service.registry.manager`): hold new versions,
 keep serving.
 
 A version is evaluated with `Model.predict`, the forward that serves it, on pixels scaled as

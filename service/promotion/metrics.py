@@ -11,7 +11,7 @@ import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.registry_events import (
+from service.registry.events import (
     RegistryEvent,
     TrafficChanged,
     VersionLoaded,

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from service.version_policy import LATEST, VersionPolicy, wanted_by_policy
+from service.registry.version_policy import LATEST, VersionPolicy, wanted_by_policy
 
 
 @dataclass(frozen=True, slots=True)

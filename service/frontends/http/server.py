@@ -2,7 +2,7 @@
 
 An adapter, nothing more: it reads HTTP/1.1 requests off sockets (httptools, the llhttp
 parser uvicorn uses; docs/oip.md says why this and not aiohttp), hands them to the routes
-(service/http_routes.py: path -> `RestApi` call -> reply, and the one gRPC code -> HTTP
+(service/frontends/http/routes.py: path -> `RestApi` call -> reply, and the one gRPC code -> HTTP
 status table), and writes the replies. It runs on the same event loop as grpc.aio
 and submits to the same Batcher, so a REST request and a gRPC one can share a forward pass.
 
@@ -31,12 +31,20 @@ from dataclasses import dataclass
 
 import httptools
 
-from service import http_codec, oip
+from service.api import oip
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import ServiceError, status_of
-from service.http_api import OipRestApi, RestApi
-from service.http_routes import HTTP_STATUS, HttpError, Request, error_reply, error_response, route
+from service.frontends.http import codec as http_codec
+from service.frontends.http.api import OipRestApi, RestApi
+from service.frontends.http.routes import (
+    HTTP_STATUS,
+    HttpError,
+    Request,
+    error_reply,
+    error_response,
+    route,
+)
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 

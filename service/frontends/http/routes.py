@@ -1,9 +1,9 @@
 """The KServe v2 REST routes: a parsed HTTP request -> the `RestApi` call -> reply bytes.
 
-The routing half of the HTTP front end (service/http_frontend.py owns the sockets, framing
+The routing half of the HTTP front end (service/frontends/http/server.py owns the sockets, framing
 and bounds): which path and method call which `RestApi` operation, how replies are framed,
 and the one table from the service's gRPC codes to HTTP statuses. No business logic: every
-answer comes from the `RestApi` (service/http_api.py).
+answer comes from the `RestApi` (service/frontends/http/api.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from urllib.parse import unquote
 
 import grpc
 
-from service import http_codec
 from service.errors import ServiceError, status_of
-from service.http_api import RestApi
+from service.frontends.http import codec as http_codec
+from service.frontends.http.api import RestApi
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """What the HTTP front end needs from the core: the `RestApi` protocol, and `OipRestApi`,
 its implementation over the data plane the gRPC v2 servicer uses.
 
-The front end (service/http_frontend.py) owns sockets, HTTP framing, limits and the status
+The front end (service/frontends/http/server.py) owns sockets, HTTP framing, limits and the status
 mapping; everything it asks of the service goes through `RestApi`, so it holds no business
 logic. An infer is `DataPlane.call` with `RestInferPipeline`: REST's own parsing
-(service/http_codec.py over service/oip_codec.py's validation), then the v2 pipeline's
+(service/frontends/http/codec.py over service/api/oip_codec.py's validation), then the v2 pipeline's
 `resolve` (routing key, version, label), the same batcher, and the same `RequestScope`
 accounting, under `method="REST ModelInfer"`.
 """
@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from service import http_codec, oip
-from service import oip_codec as tensors
+from service.api import oip
+from service.api import oip_codec as tensors
+from service.api.oip_config import config_for
+from service.api.oip_statistics import statistics_dict, versions_for
 from service.batching import CHARGE_PER_WIRE_BYTE, Batcher, Prediction
 from service.dataplane import InferJob, InferPipeline, InferRequest, RequestScope
 from service.errors import NotFound, Unavailable
+from service.frontends.http import codec as http_codec
 from service.metrics import Metrics
-from service.oip_config import config_for
-from service.oip_statistics import statistics_dict, versions_for
 from service.registry import ModelRegistry
 
 METHOD = "REST ModelInfer"  # the metrics' method label: one fixed value, beside "ModelInfer"
@@ -112,11 +113,11 @@ class OipRestApi:
         }
 
     def model_config(self, model: str, version: str) -> dict[str, Any]:
-        """Triton's model configuration as its JSON (service/oip_config.py, as gRPC's)."""
+        """Triton's model configuration as its JSON (service/api/oip_config.py, as gRPC's)."""
         return {"config": config_for(self._registry, self._servicer.batching, model, version)}
 
     def model_statistics(self, model: str, version: str) -> dict[str, Any]:
-        """Triton's statistics as its JSON (service/oip_statistics.py, as gRPC's)."""
+        """Triton's statistics as its JSON (service/api/oip_statistics.py, as gRPC's)."""
         return statistics_dict(self._metrics.version_statistics(),
                                versions_for(self._registry, model, version))
 

@@ -1,12 +1,12 @@
 """The manager: scan the repository, load what the plan wants, validate, swap, publish.
 
-Per scan: list the disk (`service.repository`), then per model ask the pure planner
-(`service.registry_plan`) what to load, load it off the event loop (`service.loading`: a
+Per scan: list the disk (`service.storage.repository`), then per model ask the pure planner
+(`service.registry.plan`) what to load, load it off the event loop (`service.storage.loading`: a
 thread per load, timeout, retry backoff), tell the planner what loaded or failed, and repeat
 until it is settled. Only then is one reference (`_Snapshot`) replaced: the swap. A batch that
 holds a `ServableVersion` keeps computing with it; it is freed with the last holder.
 
-What happened is published as events (`service.registry_events`): a load's outcome when it
+What happened is published as events (`service.registry.events`): a load's outcome when it
 ends, unloads and current-version changes right after the swap. Metrics and health subscribe;
 the manager imports neither. Every mutation runs under one asyncio lock
 (scans and admin calls queue behind each other); requests read `_snapshot` without it.
@@ -22,12 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
-from service import repository
-from service.loading import Key, Loader, LoadPolicy, Loads
 from service.model import Model
 from service.promotion import gate as gates
 from service.promotion.routing import Canary
-from service.registry_events import (
+from service.registry.events import (
     CurrentChanged,
     EventBus,
     Listener,
@@ -37,10 +35,12 @@ from service.registry_events import (
     VersionRejected,
     VersionUnloaded,
 )
-from service.registry_plan import ModelView, Override, plan
-from service.registry_types import ServableVersion
-from service.repository import Signature
-from service.version_policy import Policies, parse_labels, parse_policies
+from service.registry.plan import ModelView, Override, plan
+from service.registry.types import ServableVersion
+from service.registry.version_policy import Policies, parse_labels, parse_policies
+from service.storage import repository
+from service.storage.loading import Key, Loader, LoadPolicy, Loads
+from service.storage.repository import Signature
 
 log = logging.getLogger("service.registry")
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
-from service import codec
+from service.api import codec
 from service.batching import Batcher
 from service.dataplane import ClassifyPipeline, DataPlane, FastMethod, RequestScope
+from service.dataplane.images import ImageDecoder
 from service.errors import NotFound, ServiceError, status_of
-from service.images import ImageDecoder
 from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.registry import ModelRegistry

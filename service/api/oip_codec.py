@@ -1,6 +1,6 @@
 """v2 tensors <-> the model's rows: decode and validate ModelInfer inputs, encode outputs.
 
-The v2 counterpart of service/codec.py, kept apart from the servicer (service/oip.py) so the
+The v2 counterpart of service/api/codec.py, kept apart from the servicer (service/api/oip.py) so the
 rules for a valid v2 request live in one small, testable place. Raw bytes are viewed with one
 `np.frombuffer`, never a Python loop; float pixels pass the native codec's range and NaN rule,
 so both APIs reject the same input with the same message. Every rejection is an
@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import Message
 
-from service import codec
+from service.api import codec
 from service.errors import InvalidInput
 from service.model import IMAGE_SHAPE, INPUT_SIZE, NUM_CLASSES, pixels_to_input
 from service.pb.inference import grpc_service_pb2 as pb
@@ -144,7 +144,7 @@ def decode_input(request: pb.ModelInferRequest, max_images: int) -> tuple[Array,
 
 def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int) -> int:
     """The number of images N in the one input, after its name, datatype and shape rules;
-    shared by every transport (gRPC here, REST in service/http_codec.py)."""
+    shared by every transport (gRPC here, REST in service/frontends/http/codec.py)."""
     if name != INPUT_NAME:
         raise InvalidInput(f"expected an input named {INPUT_NAME!r}, got {name!r}")
     if datatype not in _RAW_DTYPES:

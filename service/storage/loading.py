@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import repository
 from service.model import (
     REASONS,
     TRANSIENT_REASONS,
@@ -35,8 +34,9 @@ from service.model import (
     ModelFormatError,
     TransientLoadError,
 )
-from service.registry_events import RegistryEvent, VersionFailed
-from service.repository import Signature
+from service.registry.events import RegistryEvent, VersionFailed
+from service.storage import repository
+from service.storage.repository import Signature
 
 log = logging.getLogger("service.registry")
 

@@ -14,12 +14,12 @@ from dataclasses import replace
 
 from service.errors import FailedPrecondition, InvalidInput, NotFound
 from service.promotion.routing import Canary
-from service.registry_manager import VersionManager
-from service.registry_plan import Override
-from service.registry_status import model_status
-from service.registry_types import ModelStatus
-from service.repository import MAX_VERSION
-from service.version_policy import check_label
+from service.registry.manager import VersionManager
+from service.registry.plan import Override
+from service.registry.status import model_status
+from service.registry.types import ModelStatus
+from service.registry.version_policy import check_label
+from service.storage.repository import MAX_VERSION
 
 log = logging.getLogger("service.registry")
 

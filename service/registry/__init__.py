@@ -1,15 +1,15 @@
 """The model registry: versions on disk -> loaded, validated, immutable versions; the hot swap.
 
 The facade other modules import. Its parts, along TF Serving's seams:
-- `service.repository`: the disk (`<model_dir>/<name>/<integer version>/`; other names such as
-  the trainer's `.tmp-*` are ignored), file identity, loading inside the repository only;
-- `service.registry_plan`: a pure function from disk, policy, labels, pins and load outcomes
+- `service.storage.repository`: the disk (`<model_dir>/<name>/<integer version>/`; other names
+  such as the trainer's `.tmp-*` are ignored), file identity, loading inside the repository only;
+- `service.registry.plan`: a pure function from disk, policy, labels, pins and load outcomes
   to the versions wanted (availability-preserving: load the new before releasing the old);
-- `service.loading`: one load on its own thread, timeout, failure reasons, retry backoff;
-- `service.registry_manager`: scan -> plan -> load -> swap one reference -> publish events;
-- `service.registry_events`: the events metrics and health subscribe to;
-- `service.registry_admin`: the status view and the admin operations (pins, labels);
-- `service.registry_status` / `service.registry_types`: the status rows and the values.
+- `service.storage.loading`: one load on its own thread, timeout, failure reasons, retry backoff;
+- `service.registry.manager`: scan -> plan -> load -> swap one reference -> publish events;
+- `service.registry.events`: the events metrics and health subscribe to;
+- `service.registry.admin`: the status view and the admin operations (pins, labels);
+- `service.registry.status` / `service.registry.types`: the status rows and the values.
 
 This module adds the lifecycle (start, periodic rescan, SIGHUP) and the request path
 (`resolve` reads one reference and never awaits or locks).
@@ -28,14 +28,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service import repository
 from service.errors import InvalidInput, NotFound, Unavailable
-from service.loading import DEFAULT_LOAD_POLICY, Loader, LoadPolicy
-from service.metrics import Metrics, RegistryMetrics
+from service.metrics import Metrics
 from service.promotion import routing
 from service.promotion.metrics import promotion_metrics
-from service.registry_admin import AdminOps
-from service.registry_events import (
+from service.registry.admin import AdminOps
+from service.registry.events import (
     CurrentChanged,
     Listener,
     NameRefused,
@@ -44,7 +42,10 @@ from service.registry_events import (
     VersionLoaded,
     VersionUnloaded,
 )
-from service.registry_types import ModelStatus, ServableVersion, VersionState, VersionStatus
+from service.registry.subscribers import RegistryMetrics
+from service.registry.types import ModelStatus, ServableVersion, VersionState, VersionStatus
+from service.storage import repository
+from service.storage.loading import DEFAULT_LOAD_POLICY, Loader, LoadPolicy
 
 __all__ = [
     "CurrentChanged",
@@ -83,7 +84,7 @@ class ModelRegistry(AdminOps):
         """`metrics`, when given, is subscribed first (`RegistryMetrics`): the registry never
         calls it, it only publishes events. `loader(root, version_dir)` reads and validates one
         version (injectable, so tests can make reads fail or block); the other load arguments
-        (`LoadPolicy`) go to `service.loading`."""
+        (`LoadPolicy`) go to `service.storage.loading`."""
         super().__init__(
             model_dir, version_policy=version_policy, version_labels=version_labels,
             loader=loader, load_policy=load_policy, clock=clock,

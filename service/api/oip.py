@@ -2,7 +2,7 @@
 
 A second front door onto the same core as mnist.v1: it shares the registry, the batcher and
 the metrics, so a v2 request and a native Classify request can land in the same batch and are
-answered by the same version. The servicer only translates (tensors: service/oip_codec.py),
+answered by the same version. The servicer only translates (tensors: service/api/oip_codec.py),
 calls the core and maps domain errors to statuses through `errors.status_of`.
 
 Outputs come back in `raw_output_contents` when the input came raw (what Triton's clients
@@ -29,11 +29,14 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import Message
 
-from service import admin
-from service import oip_codec as tensors
+from service.api import admin
+from service.api import oip_codec as tensors
+from service.api.oip_config import BatchingConfig, model_config_response
+from service.api.oip_statistics import statistics_response
 from service.batching import Batcher
 from service.config import Settings
 from service.dataplane import DataPlane, FastMethod, InferPipeline
+from service.dataplane.images import ImageDecoder
 from service.errors import (
     FailedPrecondition,
     InvalidInput,
@@ -42,10 +45,7 @@ from service.errors import (
     Unavailable,
     status_of,
 )
-from service.images import ImageDecoder
 from service.metrics import Metrics
-from service.oip_config import BatchingConfig, model_config_response
-from service.oip_statistics import statistics_response
 from service.pb.inference import grpc_service_pb2 as pb
 from service.registry import ModelRegistry, VersionState
 
@@ -119,7 +119,7 @@ class InferenceServicer:
         self._plane = DataPlane(batcher, metrics, images)
         self._infer = InferPipeline(registry, max_images=settings.max_images_per_request,
                                     images=images)
-        # What the REST front end shares (service/http_api.py).
+        # What the REST front end shares (service/frontends/http/api.py).
         self.plane, self.infer_pipeline = self._plane, self._infer
         self.batching = settings.batching
         try:
@@ -166,7 +166,7 @@ class InferenceServicer:
         return self.model_metadata(request.name, request.version)
 
     def model_metadata(self, name: str, version_text: str) -> pb.ModelMetadataResponse:
-        """Shared with the REST endpoint (service/http_api.py)."""
+        """Shared with the REST endpoint (service/frontends/http/api.py)."""
         version, label = tensors.parse_version(version_text)
         sv = self._registry.resolve(name, version, label)
         loaded = [
@@ -181,13 +181,13 @@ class InferenceServicer:
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        """Triton's model configuration: service/oip_config.py."""
+        """Triton's model configuration: service/api/oip_config.py."""
         return model_config_response(self._registry, self._settings.batching, request)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        """Triton's per-version statistics, from the metrics' counts: service/oip_statistics.py."""
+        """Triton's per-version statistics, from the metrics' counts (api/oip_statistics.py)."""
         return statistics_response(self._registry, self._metrics.version_statistics(), request)
 
     # --- inference
@@ -224,7 +224,7 @@ class InferenceServicer:
 
     def repository_entries(self, ready: bool) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) of every version on disk, or only the READY ones;
-        shared with the REST endpoint (service/http_api.py)."""
+        shared with the REST endpoint (service/frontends/http/api.py)."""
         entries = []
         for model in self._registry.status():
             for v in model.versions:

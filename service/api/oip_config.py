@@ -24,13 +24,13 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from service import oip_codec as tensors
+from service.api import oip_codec as tensors
 from service.config import Settings
 from service.model import INPUT_SIZE, NUM_CLASSES
 from service.pb.inference import grpc_service_pb2 as pb
 from service.pb.inference import model_config_pb2 as mc
 from service.registry import ModelRegistry
-from service.version_policy import VersionPolicy, parse_policy
+from service.registry.version_policy import VersionPolicy, parse_policy
 
 BACKEND = "numpy"
 
