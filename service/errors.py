@@ -10,8 +10,6 @@ import re
 
 import grpc
 
-from service.model import ModelFormatError
-
 
 class ServiceError(Exception):
     """Base of every error a client may see; `code` is its gRPC status."""
@@ -61,6 +59,14 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class ModelFileError(ValueError):
+    """A model file that must not be served; its `reason` is a bounded slug. The format's
+    own error (service/model.py's ModelFormatError) is one; defined here so this map needs
+    nothing above the leaves."""
+
+    reason: str = "internal"
+
+
 # An absolute POSIX path (not the '/' inside '1/2' or 'a/b'): what a caller must not see.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/[^\s'\",;:()\[\]{}<>]*")
 
@@ -76,7 +82,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     Details never carry an absolute server path (a file, a symlink's target)."""
     if isinstance(exc, ServiceError):
         return exc.code, redact_paths(str(exc))
-    if isinstance(exc, ModelFormatError):
+    if isinstance(exc, ModelFileError):
         return (grpc.StatusCode.FAILED_PRECONDITION,
                 redact_paths(f"model rejected ({exc.reason}): {exc}"))
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

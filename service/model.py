@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from service.errors import ModelFileError
+
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.npz"
 CHECKSUM_FILE = "model.npz.sha256"
@@ -101,7 +103,7 @@ TRANSIENT_REASONS = frozenset({"transient_io", "load_timeout", "out_of_memory"})
 REASONS = PERMANENT_REASONS | TRANSIENT_REASONS
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(ModelFileError):
     """A model file that must not be served. `reason` is a short, bounded slug (a metric label).
 
     The message may name paths: it is for the log and the admin API, never for the

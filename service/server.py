@@ -34,13 +34,13 @@ from prometheus_client import CollectorRegistry
 
 from service.api import admin, oip
 from service.api import servicer as classifier
+from service.api.malformed import Registrar, enable_reflection
 from service.batching import Batcher
 from service.config import Settings
 from service.dataplane.images import ImageDecoder
 from service.fatal import die
 from service.frontends import grpc_frontend, selftest
 from service.frontends.http import server as http_frontend
-from service.frontends.malformed import Registrar, enable_reflection
 from service.metrics import Metrics, start_exporter
 from service.promotion.monitor import PromotionMonitor, promotion_monitor
 from service.registry import CurrentChanged, ModelRegistry, RegistryEvent

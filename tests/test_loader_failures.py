@@ -33,8 +33,8 @@ from service.model import CHECKSUM_FILE, WEIGHTS_FILE, Model, ModelFormatError, 
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 from service.registry import ModelRegistry, VersionState, VersionStatus
+from service.registry.loading import LoadPolicy
 from service.storage import repository
-from service.storage.loading import LoadPolicy
 
 REJECTED = "mnist_model_rejected_versions_total"
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.api import oip_codec
+from service.dataplane import oip_codec
 from service.errors import InvalidInput
 from service.pb.inference import grpc_service_pb2 as pb
 

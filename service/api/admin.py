@@ -23,10 +23,10 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_reflection.v1alpha import reflection
 
-from service.api.codec import VERSION_STATES
+from service.api.malformed import enable_reflection
 from service.config import Settings
+from service.dataplane.codec import VERSION_STATES
 from service.errors import InvalidInput, ServiceError, Unauthenticated, redact_paths, status_of
-from service.frontends.malformed import enable_reflection
 from service.metrics import Metrics
 from service.pb.mnist.v1 import admin_pb2 as pb
 from service.registry import ModelRegistry, ModelStatus

@@ -2,7 +2,8 @@
 
 A second front door onto the same core as mnist.v1: it shares the registry, the batcher and
 the metrics, so a v2 request and a native Classify request can land in the same batch and are
-answered by the same version. The servicer only translates (tensors: service/api/oip_codec.py),
+answered by the same version. The servicer only translates (tensors:
+service/dataplane/oip_codec.py),
 calls the core and maps domain errors to statuses through `errors.status_of`.
 
 Outputs come back in `raw_output_contents` when the input came raw (what Triton's clients
@@ -30,12 +31,12 @@ import grpc
 from google.protobuf.message import Message
 
 from service.api import admin
-from service.api import oip_codec as tensors
 from service.api.oip_config import BatchingConfig, model_config_response
 from service.api.oip_statistics import statistics_response
 from service.batching import Batcher
 from service.config import Settings
 from service.dataplane import DataPlane, FastMethod, InferPipeline
+from service.dataplane import oip_codec as tensors
 from service.dataplane.images import ImageDecoder
 from service.errors import (
     FailedPrecondition,

@@ -24,8 +24,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from service.api import oip_codec as tensors
 from service.config import Settings
+from service.dataplane import oip_codec as tensors
 from service.model import INPUT_SIZE, NUM_CLASSES
 from service.pb.inference import grpc_service_pb2 as pb
 from service.pb.inference import model_config_pb2 as mc

@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from service.api import oip_codec as tensors
+from service.dataplane import oip_codec as tensors
 from service.errors import NotFound
 from service.metrics.version_stats import Duration, VersionStats
 from service.pb.inference import grpc_service_pb2 as pb

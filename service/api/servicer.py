@@ -17,9 +17,8 @@ from typing import Any
 
 import grpc
 
-from service.api import codec
 from service.batching import Batcher
-from service.dataplane import ClassifyPipeline, DataPlane, FastMethod, RequestScope
+from service.dataplane import ClassifyPipeline, DataPlane, FastMethod, RequestScope, codec
 from service.dataplane.images import ImageDecoder
 from service.errors import NotFound, ServiceError, status_of
 from service.metrics import Metrics

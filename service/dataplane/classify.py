@@ -1,13 +1,13 @@
 """mnist.v1 Classify as a pipeline: request bytes -> a validated, resolved job -> reply bytes.
 
-The rules for a valid request live in service/api/codec.py; this module strings them together
+The rules for a valid request live in service/dataplane/codec.py; this module strings them together
 for the data plane (service/dataplane/plane.py), whichever front end carried the bytes.
 """
 
 from __future__ import annotations
 
-from service.api import codec
 from service.batching import Array, Prediction
+from service.dataplane import codec
 from service.dataplane.images import ImageDecoder, classify_blobs
 from service.dataplane.job import Job
 from service.dataplane.scope import RequestScope

@@ -2,7 +2,8 @@
 
 Two steps, so an HTTP/JSON front end reuses the second:
   1. wire -> `InferRequest`: for gRPC `InferPipeline.prepare` parses the protobuf with
-     service/api/oip_codec.py; an HTTP adapter parses its JSON into the same fields with the same
+     service/dataplane/oip_codec.py; an HTTP adapter parses its JSON into the same fields with the
+     same
      validation helpers.
   2. `InferPipeline.resolve(request, scope, wire_bytes, encoder)` -> `InferJob`: the model,
      version or label must be loaded; the job carries what the reply needs and the wire's
@@ -16,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.api import oip_codec as tensors
 from service.batching import Array, Prediction
+from service.dataplane import oip_codec as tensors
 from service.dataplane.images import ImageDecoder, v2_blobs
 from service.dataplane.job import Job
 from service.dataplane.scope import RequestScope

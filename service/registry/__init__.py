@@ -5,7 +5,7 @@ The facade other modules import. Its parts, along TF Serving's seams:
   such as the trainer's `.tmp-*` are ignored), file identity, loading inside the repository only;
 - `service.registry.plan`: a pure function from disk, policy, labels, pins and load outcomes
   to the versions wanted (availability-preserving: load the new before releasing the old);
-- `service.storage.loading`: one load on its own thread, timeout, failure reasons, retry backoff;
+- `service.registry.loading`: one load on its own thread, timeout, failure reasons, retry backoff;
 - `service.registry.manager`: scan -> plan -> load -> swap one reference -> publish events;
 - `service.registry.events`: the events metrics and health subscribe to;
 - `service.registry.admin`: the status view and the admin operations (pins, labels);
@@ -42,10 +42,10 @@ from service.registry.events import (
     VersionLoaded,
     VersionUnloaded,
 )
+from service.registry.loading import DEFAULT_LOAD_POLICY, Loader, LoadPolicy
 from service.registry.subscribers import RegistryMetrics
 from service.registry.types import ModelStatus, ServableVersion, VersionState, VersionStatus
 from service.storage import repository
-from service.storage.loading import DEFAULT_LOAD_POLICY, Loader, LoadPolicy
 
 __all__ = [
     "CurrentChanged",
@@ -84,7 +84,7 @@ class ModelRegistry(AdminOps):
         """`metrics`, when given, is subscribed first (`RegistryMetrics`): the registry never
         calls it, it only publishes events. `loader(root, version_dir)` reads and validates one
         version (injectable, so tests can make reads fail or block); the other load arguments
-        (`LoadPolicy`) go to `service.storage.loading`."""
+        (`LoadPolicy`) go to `service.registry.loading`."""
         super().__init__(
             model_dir, version_policy=version_policy, version_labels=version_labels,
             loader=loader, load_policy=load_policy, clock=clock,

@@ -1,7 +1,7 @@
 """The manager: scan the repository, load what the plan wants, validate, swap, publish.
 
 Per scan: list the disk (`service.storage.repository`), then per model ask the pure planner
-(`service.registry.plan`) what to load, load it off the event loop (`service.storage.loading`: a
+(`service.registry.plan`) what to load, load it off the event loop (`service.registry.loading`: a
 thread per load, timeout, retry backoff), tell the planner what loaded or failed, and repeat
 until it is settled. Only then is one reference (`_Snapshot`) replaced: the swap. A batch that
 holds a `ServableVersion` keeps computing with it; it is freed with the last holder.
@@ -35,11 +35,11 @@ from service.registry.events import (
     VersionRejected,
     VersionUnloaded,
 )
+from service.registry.loading import Key, Loader, LoadPolicy, Loads
 from service.registry.plan import ModelView, Override, plan
 from service.registry.types import ServableVersion
 from service.registry.version_policy import Policies, parse_labels, parse_policies
 from service.storage import repository
-from service.storage.loading import Key, Loader, LoadPolicy, Loads
 from service.storage.repository import Signature
 
 log = logging.getLogger("service.registry")

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
 
+from service.registry.loading import Failure, Key
 from service.registry.manager import Rejection
 from service.registry.types import ModelStatus, VersionState, VersionStatus
-from service.storage.loading import Failure, Key
 
 
 def model_status(

@@ -4,7 +4,8 @@ its implementation over the data plane the gRPC v2 servicer uses.
 The front end (service/frontends/http/server.py) owns sockets, HTTP framing, limits and the status
 mapping; everything it asks of the service goes through `RestApi`, so it holds no business
 logic. An infer is `DataPlane.call` with `RestInferPipeline`: REST's own parsing
-(service/frontends/http/codec.py over service/api/oip_codec.py's validation), then the v2 pipeline's
+(service/frontends/http/codec.py over service/dataplane/oip_codec.py's validation), then the v2
+pipeline's
 `resolve` (routing key, version, label), the same batcher, and the same `RequestScope`
 accounting, under `method="REST ModelInfer"`.
 """
@@ -14,11 +15,11 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from service.api import oip
-from service.api import oip_codec as tensors
 from service.api.oip_config import config_for
 from service.api.oip_statistics import statistics_dict, versions_for
 from service.batching import CHARGE_PER_WIRE_BYTE, Batcher, Prediction
 from service.dataplane import InferJob, InferPipeline, InferRequest, RequestScope
+from service.dataplane import oip_codec as tensors
 from service.errors import NotFound, Unavailable
 from service.frontends.http import codec as http_codec
 from service.metrics import Metrics

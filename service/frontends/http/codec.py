@@ -1,6 +1,6 @@
 """KServe v2 REST bodies <-> the model's rows: JSON tensors and Triton's binary extension.
 
-The REST counterpart of service/api/oip_codec.py, and a thin one: the rules for a valid input
+The REST counterpart of service/dataplane/oip_codec.py, and a thin one: the rules for a valid input
 (name, datatype, shape, byte length, value count, range, NaN) are oip_codec's, called here,
 so the REST and gRPC endpoints reject the same input with the same message. What is REST's
 own lives here: the JSON document's shape, the binary tensor data extension
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.api import oip_codec as tensors
+from service.dataplane import oip_codec as tensors
 from service.errors import InvalidInput
 from service.model import NUM_CLASSES
 

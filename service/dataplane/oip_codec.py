@@ -1,6 +1,7 @@
 """v2 tensors <-> the model's rows: decode and validate ModelInfer inputs, encode outputs.
 
-The v2 counterpart of service/api/codec.py, kept apart from the servicer (service/api/oip.py) so the
+The v2 counterpart of service/dataplane/codec.py, kept apart from the servicer (service/api/oip.py)
+so the
 rules for a valid v2 request live in one small, testable place. Raw bytes are viewed with one
 `np.frombuffer`, never a Python loop; float pixels pass the native codec's range and NaN rule,
 so both APIs reject the same input with the same message. Every rejection is an
@@ -21,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import Message
 
-from service.api import codec
+from service.dataplane import codec
 from service.errors import InvalidInput
 from service.model import IMAGE_SHAPE, INPUT_SIZE, NUM_CLASSES, pixels_to_input
 from service.pb.inference import grpc_service_pb2 as pb
