@@ -211,7 +211,7 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Rest
         if "data" not in tensor:
             raise InvalidInput(f"input {name!r}: expected 'data' or binary data, got neither")
         if datatype == "BYTES":
-            blobs = _base64_values(tensor_params, shape, n, tensor["data"])
+            blobs = _base64_values(tensor_params, shape, tensor["data"])
         else:
             x = tensors.rows_from_values(datatype, shape, n,
                                          _json_values(datatype, tensor["data"]))
@@ -221,8 +221,7 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Rest
                      blobs=tuple(images.matching_count(shape, blobs)) if x is None else ())
 
 
-def _base64_values(params: Mapping[str, Any], shape: list[int], n: int,
-                   data: Any) -> list[bytes]:
+def _base64_values(params: Mapping[str, Any], shape: list[int], data: Any) -> list[bytes]:
     """A BYTES input's JSON `data`: base64 strings, flat or nested as the shape [N, 1] is."""
     name = tensors.INPUT_NAME
     content_type = params.get("content_type")
@@ -236,8 +235,7 @@ def _base64_values(params: Mapping[str, Any], shape: list[int], n: int,
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r} data: expected a list of base64 strings, got "
                            f"{_shown(data)}")
-    if len(data) != n:
-        raise InvalidInput(f"input {name!r}: shape {shape} says {n} image(s), got {len(data)}")
+    images.matching_count(shape, data)
     if len(shape) == 2 and all(isinstance(row, list) and len(row) == 1 for row in data):
         data = [row[0] for row in data]  # nested as [N, 1]
     blobs: list[bytes] = []

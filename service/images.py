@@ -24,7 +24,7 @@ import logging
 import struct
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from mnist_imaging.decode import FORMATS, ImageLimits, available
 from service.config import Settings
@@ -42,6 +42,7 @@ from service.pb.mnist.v1 import classifier_pb2 as pb
 log = logging.getLogger(__name__)
 
 V2_INPUT = "images"
+_Element = TypeVar("_Element")
 
 
 class ImageDecoder:
@@ -207,8 +208,9 @@ def check_bytes_input(name: str, dims: Sequence[int]) -> int:
     return int(dims[0])
 
 
-def matching_count(dims: Sequence[int], blobs: list[bytes]) -> list[bytes]:
-    """`blobs`, when there are as many as the (checked) shape `dims` declares."""
+def matching_count(dims: Sequence[int], blobs: list[_Element]) -> list[_Element]:
+    """`blobs` (files, or a wire's form of them), when there are as many as the (checked)
+    shape `dims` declares."""
     if len(blobs) != dims[0]:
         raise InvalidInput(f"input {V2_INPUT!r}: shape {list(dims)} says {dims[0]} image(s), "
                            f"got {len(blobs)}")
