@@ -8,6 +8,7 @@ tests/test_http_docs.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -20,11 +21,20 @@ import numpy as np
 import pytest
 from conftest import ServerThread
 from procs import free_port
+from prometheus_client import CollectorRegistry
 from support.http_client import Response, request
 from test_images import BAD, a_digit, encoded
 
+from service.batcher import REQUEST_OVERHEAD_BYTES, Batcher
+from service.config import Settings
+from service.dataplane import DataPlane, InferPipeline
+from service.errors import Overloaded
+from service.http_api import RestInferPipeline, wire_equivalent
+from service.images import ImageDecoder
+from service.metrics import Metrics
 from service.pb.mnist.v1 import classifier_pb2 as pb
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
+from service.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 INFER = "/v2/models/mnist/infer"
@@ -230,3 +240,44 @@ def test_decoding_off_is_a_400_saying_send_pixels(model_repo: Path,
     reply = binary_infer(port, [PNG])
     assert reply.status == 400  # FAILED_PRECONDITION, by the one status table
     assert "send pixels instead" in reply.json()["error"]
+
+
+def test_decoded_rows_are_charged_when_queued(model_repo: Path) -> None:
+    """A REST body of images is admitted by its bytes before parsing; the rows decoded from
+    it (3136 bytes an image, far more than a small PNG) are charged when queued. Here the
+    body fits the queue's byte bound and its rows do not: refused after decoding."""
+    files = [PNG] * 3
+    data = layout(files)
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3],
+                                   "parameters": {"binary_data_size": len(data)}}]}).encode()
+    body = head + data
+    wire = wire_equivalent(len(body), True)
+    rows = 3 * 784 * 4
+    assert 4 * wire < rows  # the premise: the body's charge is below its rows'
+    held = 784 * 4 + REQUEST_OVERHEAD_BYTES  # one queued image, never computed
+    bound = held + 4 * wire + REQUEST_OVERHEAD_BYTES  # the body just fits at admission
+    metrics = Metrics(CollectorRegistry())
+    registry = ModelRegistry(model_repo, metrics, rescan_interval_s=0)
+    decoder = ImageDecoder(Settings(image_decode_workers=1), metrics)
+
+    async def scenario() -> None:
+        await registry.start()
+        # Never started: what is queued stays queued, holding its charge.
+        batcher = Batcher(registry, Metrics.disabled(), max_batch_rows=256,
+                          max_batch_wait_s=0.0, max_queue_rows=10_000, max_queue_bytes=bound)
+        waiting = asyncio.ensure_future(batcher.submit(np.zeros((1, 784), np.float32)))
+        await asyncio.sleep(0)
+        plane = DataPlane(batcher, metrics, decoder)
+        pipeline = RestInferPipeline(InferPipeline(registry, max_images=8, images=decoder),
+                                     "mnist", "", str(len(head)), 8)
+        with pytest.raises(Overloaded, match="bytes held by queued requests"):
+            # (bounded: were it admitted, it would wait for a batch that never runs)
+            await asyncio.wait_for(plane.call(pipeline, body, None, wire_bytes=wire), 60)
+        waiting.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        decoder.close()
+    assert metrics.registry.get_sample_value(
+        "mnist_image_decode_duration_seconds_count", {"result": "ok"}) == 1  # decoded first
