@@ -145,7 +145,7 @@ def main() -> int:
 
 
 def native_translate(body: bytes, probabilities: np.ndarray, sv: Any) -> bytes:
-    from service.api import codec
+    from service.dataplane import codec
 
     request = codec.parse_request(body)
     codec.decode_pixels(request, 4096)
@@ -153,7 +153,7 @@ def native_translate(body: bytes, probabilities: np.ndarray, sv: Any) -> bytes:
 
 
 def v2_translate(body: bytes, probabilities: np.ndarray, sv: Any) -> bytes:
-    from service.api import oip_codec
+    from service.dataplane import oip_codec
 
     request = oip_codec.parse(v2.ModelInferRequest, body)
     oip_codec.parse_version(request.model_version)

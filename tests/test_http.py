@@ -258,7 +258,7 @@ BAD_BODIES: list[tuple[bytes, dict[str, str], str]] = [
     (b'{"inputs": [{"name": "images"}]}', {}, "'name' and 'datatype'"),
     (_doc(name="pixels"), {}, "expected an input named 'images'"),
     (_doc(datatype="FP64"), {}, "expected datatype FP32 or UINT8, got 'FP64'"),
-    (_doc(datatype="BYTES", data=["aGk="]), {}, "got 'BYTES'"),
+    (_doc(datatype="BYTES", data=["aGk="]), {}, "BYTES (encoded images): expected shape [N]"),
     (_doc(shape=[1, 783]), {}, "expected shape [N, 784]"),
     (_doc(shape="1,784"), {}, "list of integers"),
     (_doc(shape=[True, 784]), {}, "list of integers"),

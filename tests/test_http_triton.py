@@ -19,6 +19,7 @@ from support.numerics import assert_probabilities
 from support.procs import free_port
 from support.servers import ServerThread, make_model, skip_or_fail, write_version
 
+from mnist_client.images import load_image
 from service.model import Model, pixels_to_input
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,9 +45,11 @@ def test_triton_http_client(triton_python: Path, tmp_path: Path,
     x = rng.random((3, 784), dtype=np.float32)
     pixels = rng.integers(0, 256, (2, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", x=x, pixels=pixels)
+    files = [ROOT / "docs" / "examples" / f"digit-{d}.png" for d in (7, 2, 1)]
     done = subprocess.run(
         [str(triton_python), str(CLIENT), f"127.0.0.1:{server.settings.http_port}",
-         str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), str(tmp_path / "out.json")],
+         str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), str(tmp_path / "out.json"),
+         *map(str, files)],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, f"triton client failed:\n{done.stdout}\n{done.stderr}"
     seen = json.loads((tmp_path / "out.json").read_text())
@@ -75,12 +78,23 @@ def test_triton_http_client(triton_python: Path, tmp_path: Path,
     assert got["json_outputs.predicted_class"].tolist() == (
         got["fp32_binary.predicted_class"].tolist())
 
+    # Encoded images: the answer of the CLI's own pixels for the same files.
+    image_rows = pixels_to_input(np.stack([load_image(f) for f in files]))
+    assert seen["images_binary"]["version"] == "2"
+    assert_probabilities(got["images_binary.probabilities"], models[2], image_rows)
+    assert seen["images_binary_n1"]["version"] == "1"
+    assert_probabilities(got["images_binary_n1.probabilities"], models[1], image_rows)
+    assert got["images_binary.predicted_class"].tolist() == (
+        models[2].predict(image_rows).argmax(axis=1).tolist())
+    assert seen["err_image_json_client"]["status"] == "client"
+    assert "binary_data=True" in seen["err_image_json_client"]["message"]
+
     expected = {
         "err_unknown_model": ("404", "unknown model 'fashion'"),
         "err_shape": ("400", "expected shape [N, 784]"),
         "err_range": ("400", "expected finite float32 pixels in 0.0..1.0"),
-        "err_bytes": ("400", "expected datatype FP32 or UINT8, got 'BYTES'"),
-        "err_bytes_json": ("400", "expected datatype FP32 or UINT8, got 'BYTES'"),
+        "err_bytes": ("400", "image 0: not an image (4 bytes"),
+        "err_bytes_json": ("400", 'input parameter "content_type": "base64"'),
         "err_fp64": ("400", "got 'FP64'"),
         "err_config": ("404", "unknown model 'fashion'"),
         "err_metadata": ("404", "unknown model 'fashion'"),

@@ -24,7 +24,7 @@ import logging
 import struct
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from mnist_imaging.decode import FORMATS, ImageLimits, available
 from service.config import Settings
@@ -42,6 +42,7 @@ from service.pb.mnist.v1 import classifier_pb2 as pb
 log = logging.getLogger(__name__)
 
 V2_INPUT = "images"
+_Element = TypeVar("_Element")
 
 
 class ImageDecoder:
@@ -176,41 +177,54 @@ def classify_blobs(request: pb.ClassifyRequest) -> list[bytes]:
 
 
 def v2_blobs(request: v2.ModelInferRequest) -> list[bytes] | None:
-    """v2: the encoded images of a request whose input is BYTES (as Triton's image clients
-    send: one element per file, shape [N] or [N, 1]); None for any other request."""
+    """v2 over gRPC: the encoded images of a request whose input is BYTES (as Triton's image
+    clients send: one element per file, shape [N] or [N, 1]); None for any other request."""
     if len(request.inputs) != 1 or request.inputs[0].datatype != "BYTES":
         return None
     tensor = request.inputs[0]
-    if tensor.name != V2_INPUT:
-        raise InvalidInput(f"expected an input named {V2_INPUT!r}, got {tensor.name!r}")
     dims = tuple(tensor.shape)
-    if not (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)) or dims[0] < 1:
-        raise InvalidInput(f"input {V2_INPUT!r} is BYTES (encoded images): expected shape "
-                           f"[N] or [N, 1] with N >= 1, got {list(dims)}")
-    n = dims[0]
+    check_bytes_input(tensor.name, dims)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1 or tensor.contents.ListFields():
             raise InvalidInput("raw_input_contents: expected 1 entry holding the BYTES input, "
                                f"got {len(request.raw_input_contents)}")
-        blobs = _split_bytes_tensor(request.raw_input_contents[0])
+        blobs = split_bytes_tensor(request.raw_input_contents[0], dims[0])
     else:
         others = [f.name for f, _ in tensor.contents.ListFields() if f.name != "bytes_contents"]
         if others:
             raise InvalidInput(f"input {V2_INPUT!r} is BYTES: expected its values in "
                                f"bytes_contents, got {', '.join(others)}")
         blobs = list(tensor.contents.bytes_contents)
-    if len(blobs) != n:
-        raise InvalidInput(f"input {V2_INPUT!r}: shape {list(dims)} says {n} image(s), "
+    return matching_count(dims, blobs)
+
+
+def check_bytes_input(name: str, dims: Sequence[int]) -> int:
+    """v2, any wire: the number of images a BYTES input of this name and shape declares."""
+    if name != V2_INPUT:
+        raise InvalidInput(f"expected an input named {V2_INPUT!r}, got {name!r}")
+    if not (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)) or dims[0] < 1:
+        raise InvalidInput(f"input {V2_INPUT!r} is BYTES (encoded images): expected shape "
+                           f"[N] or [N, 1] with N >= 1, got {list(dims)}")
+    return int(dims[0])
+
+
+def matching_count(dims: Sequence[int], blobs: list[_Element]) -> list[_Element]:
+    """`blobs` (files, or a wire's form of them), when there are as many as the (checked)
+    shape `dims` declares."""
+    if len(blobs) != dims[0]:
+        raise InvalidInput(f"input {V2_INPUT!r}: shape {list(dims)} says {dims[0]} image(s), "
                            f"got {len(blobs)}")
     return blobs
 
 
-def _split_bytes_tensor(data: bytes) -> list[bytes]:
-    """Triton's raw BYTES layout: each element is a little-endian u32 length, then its bytes."""
+def split_bytes_tensor(data: bytes | memoryview, most: int) -> list[bytes]:
+    """Triton's raw BYTES layout, the same on gRPC (`raw_input_contents`) and HTTP (the binary
+    tensor data extension): each element is a little-endian u32 length, then its bytes. Stops
+    past `most` elements (the shape's count): a caller's element count bounds the loop."""
     out: list[bytes] = []
     view = memoryview(data)
     at = 0
-    while at < len(view):
+    while at < len(view) and len(out) <= most:
         if at + 4 > len(view):
             raise InvalidInput(f"raw BYTES input: {len(view) - at} stray byte(s) at offset "
                                f"{at}: expected a 4-byte length")

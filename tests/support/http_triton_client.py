@@ -1,6 +1,6 @@
 """Runs in .tools/triton-venv (tritonclient[http]), never in the project's venv.
 
-    python http_triton_client.py HOST:PORT IN.npz OUT.npz OUT.json
+    python http_triton_client.py HOST:PORT IN.npz OUT.npz OUT.json [IMAGE ...]
 
 Drives the REST endpoint with the unmodified Triton HTTP client and records what it saw;
 tests/test_http_triton.py starts the server, runs this and checks the record against
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 
-def main(target: str, in_path: str, out_npz: str, out_json: str) -> None:
+def main(target: str, in_path: str, out_npz: str, out_json: str, *image_paths: str) -> None:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -55,6 +55,15 @@ def main(target: str, in_path: str, out_npz: str, out_json: str) -> None:
     infer("uint8_json", pixels.reshape(-1, 784), "UINT8", False)
     infer("json_outputs", x, "FP32", True, outputs=[
         httpclient.InferRequestedOutput("predicted_class", binary_data=False)])
+    # Encoded image files as Triton's image clients send them: a BYTES tensor of np.object_
+    # bytes, binary_data=True (Triton's length-prefixed layout after the JSON header).
+    files = []
+    for path in image_paths:
+        with open(path, "rb") as f:
+            files.append(f.read())
+    infer("images_binary", np.array(files, dtype=np.object_), "BYTES", True)
+    infer("images_binary_n1", np.array(files, dtype=np.object_).reshape(-1, 1), "BYTES", True,
+          version="1")
 
     def error(key: str, call: Any) -> None:
         try:
@@ -75,6 +84,12 @@ def main(target: str, in_path: str, out_npz: str, out_json: str) -> None:
     error("err_bytes", bad_infer("mnist", np.array([b"\x89PNG"], dtype=np.object_), "BYTES"))
     error("err_bytes_json", bad_infer("mnist", np.array([b"abc"], dtype=np.object_), "BYTES",
                                       binary=False))
+    try:  # the client itself refuses an image's bytes in JSON: they are not UTF-8
+        bad_infer("mnist", np.array(files[:1], dtype=np.object_), "BYTES", binary=False)
+    except Exception as e:  # InferenceServerException (its raise_error), never sent
+        seen["err_image_json_client"] = {"status": "client", "message": str(e)}
+    else:
+        seen["err_image_json_client"] = {"status": "sent", "message": ""}
     error("err_fp64", bad_infer("mnist", x.astype(np.float64), "FP64"))
     seen["config"] = client.get_model_config("mnist")
     seen["stats"] = client.get_inference_statistics("mnist")

@@ -32,7 +32,10 @@ def wire_equivalent(body_bytes: int, binary: bool) -> int:
     """A REST body's size in the batcher's wire bytes, which it charges CHARGE_PER_WIRE_BYTE
     each (sized for protobuf, where float32 rows come from raw bytes). A REST request holds
     its body and its float32 rows until answered: at most 5x the body with binary UINT8
-    pixels (1 byte each -> 4), 3x with JSON (every value takes 2 characters or more)."""
+    pixels (1 byte each -> 4), 3x with JSON (every value takes 2 characters or more).
+    Encoded images are the exception, known only once decoded (a 200-byte PNG is 3136 bytes
+    of rows): this charge admits their body, and the batcher charges their decoded rows when
+    they are queued (`Batcher.submit`: the larger of the rows and the wire bytes)."""
     most = body_bytes * (5 if binary else 3)
     return -(-most // CHARGE_PER_WIRE_BYTE)
 
@@ -151,7 +154,9 @@ class OipRestApi:
 class RestInferPipeline:
     """One REST infer as a data-plane pipeline (made per request: the route carries the
     model and version, a header the binary layout): JSON/binary body -> `InferRequest` ->
-    the v2 pipeline's `resolve` -> a job whose reply is the REST body."""
+    the v2 pipeline's `resolve` -> a job whose reply is the REST body. Encoded images (a
+    BYTES input) are only parsed here: `resolve` checks them and the data plane decodes them
+    in the decoder processes before queuing, as for gRPC."""
 
     method = METHOD
 
@@ -174,7 +179,7 @@ class RestInferPipeline:
         self._request = request
         intermediate = InferRequest(id=request.id, model=self._model, version=number,
                                     label=label, x=request.x, outputs=request.outputs,
-                                    routing_key=request.routing_key)
+                                    routing_key=request.routing_key, blobs=request.blobs)
         return self._v2.resolve(intermediate, scope, len(raw), self._encode)
 
     def _encode(self, job: InferJob, prediction: Prediction) -> bytes:

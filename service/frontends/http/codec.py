@@ -7,6 +7,11 @@ own lives here: the JSON document's shape, the binary tensor data extension
 (`Inference-Header-Content-Length`: a JSON header followed by each binary tensor's bytes in
 order, sized by its `binary_data_size` parameter), and the reply in JSON or binary.
 
+A BYTES input carries encoded images (docs/images.md), checked here by service/dataplane/images.py's
+rules, the gRPC ones: as binary data in Triton's BYTES layout (what tritonclient sends), or in
+JSON as base64 strings marked by the input parameter `"content_type": "base64"` (MLServer's
+codec name; a JSON string cannot hold an image's bytes as they are).
+
 Every rejection is an `InvalidInput` (HTTP 400) naming what was expected and what was
 received; nothing a caller sends may raise anything else (tests/test_http_codec.py throws
 malformed bodies of every kind at it).
@@ -14,6 +19,7 @@ malformed bodies of every kind at it).
 
 from __future__ import annotations
 
+import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from service.dataplane import images
 from service.dataplane import oip_codec as tensors
 from service.errors import InvalidInput
 from service.model import NUM_CLASSES
@@ -30,18 +37,21 @@ Array = tensors.Array
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor data extension
+BASE64 = "base64"  # a BYTES input's `content_type` parameter for base64 strings in JSON
 _MAX_SHOWN = 64  # characters of a caller's string quoted back in an error
 
 
 @dataclass(slots=True)
 class RestInfer:
-    """A valid REST infer request: the rows, and how the reply must be encoded."""
+    """A valid REST infer request: the rows (or encoded images, `blobs`, when `x` is None),
+    and how the reply must be encoded."""
 
-    x: Array
+    x: Array | None
     id: str = ""
     outputs: tuple[str, ...] = tensors.OUTPUT_NAMES
     binary: frozenset[str] = field(default_factory=frozenset)  # outputs sent as binary
     routing_key: str = ""  # the request parameter "routing_key": canary or current
+    blobs: tuple[bytes, ...] = ()  # a BYTES input's encoded images, checked, not decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +170,14 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Rest
     shape = _shape(tensor.get("shape"))
     tensor_params = _object(tensor.get("parameters", {}), "input 'parameters'")
     size = tensor_params.get("binary_data_size")
-    n = tensors.check_input(name, datatype, shape, max_images)
+    if datatype == "BYTES":  # encoded images: the image decoder checks them further
+        n = images.check_bytes_input(name, shape)
+        if n > max_images:  # before any element is looked at (the decoder's words)
+            raise InvalidInput(f"{n} images in one request: at most {max_images} allowed")
+    else:
+        n = tensors.check_input(name, datatype, shape, max_images)
+    x: Array | None = None
+    blobs: list[bytes] = []
     if size is not None:
         if "data" in tensor:
             raise InvalidInput(
@@ -176,7 +193,15 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Rest
                 f"binary data: {len(binary)} bytes after the JSON header, input {name!r} "
                 f"claims {size}; expected them to match"
             )
-        x = tensors.rows_from_bytes(datatype, shape, n, binary)  # one np.frombuffer, no copy
+        if datatype == "BYTES":
+            if "content_type" in tensor_params:
+                raise InvalidInput(
+                    f"input {name!r}: parameter 'content_type' describes JSON 'data'; binary "
+                    "data carries each image's bytes as they are: expected no 'content_type'"
+                )
+            blobs = images.split_bytes_tensor(binary, n)  # Triton's layout, as on gRPC
+        else:
+            x = tensors.rows_from_bytes(datatype, shape, n, binary)  # one np.frombuffer
     else:
         if len(binary):
             raise InvalidInput(
@@ -185,10 +210,48 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> Rest
             )
         if "data" not in tensor:
             raise InvalidInput(f"input {name!r}: expected 'data' or binary data, got neither")
-        x = tensors.rows_from_values(datatype, shape, n, _json_values(datatype, tensor["data"]))
+        if datatype == "BYTES":
+            blobs = _base64_values(tensor_params, shape, tensor["data"])
+        else:
+            x = tensors.rows_from_values(datatype, shape, n,
+                                         _json_values(datatype, tensor["data"]))
     outputs, binary_outputs = _outputs(doc.get("outputs"), binary_default)
     return RestInfer(x=x, id=request_id, outputs=outputs, binary=binary_outputs,
-                     routing_key=routing_key)
+                     routing_key=routing_key,
+                     blobs=tuple(images.matching_count(shape, blobs)) if x is None else ())
+
+
+def _base64_values(params: Mapping[str, Any], shape: list[int], data: Any) -> list[bytes]:
+    """A BYTES input's JSON `data`: base64 strings, flat or nested as the shape [N, 1] is."""
+    name = tensors.INPUT_NAME
+    content_type = params.get("content_type")
+    if content_type != BASE64:
+        raise InvalidInput(
+            f"input {name!r} is BYTES (encoded images) in JSON: expected its 'data' as base64 "
+            f"strings with the input parameter \"content_type\": \"base64\" (a JSON string "
+            f"cannot hold an image's bytes), or the bytes as binary data; got content_type "
+            f"{_shown(content_type)}"
+        )
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {name!r} data: expected a list of base64 strings, got "
+                           f"{_shown(data)}")
+    images.matching_count(shape, data)
+    if len(shape) == 2 and all(isinstance(row, list) and len(row) == 1 for row in data):
+        data = [row[0] for row in data]  # nested as [N, 1]
+    blobs: list[bytes] = []
+    for i, value in enumerate(data):
+        if not isinstance(value, str):
+            raise InvalidInput(f"input {name!r} data[{i}]: expected a base64 string, got "
+                               f"{_shown(value)}")
+        try:
+            blobs.append(binascii.a2b_base64(value, strict_mode=True))
+        except (binascii.Error, ValueError) as e:  # ValueError: a non-ASCII character
+            raise InvalidInput(
+                f"image {i}: not base64 ({e}; {len(value)} characters starting "
+                f"{_shown(value[:16])}): expected standard base64 on one line "
+                "(e.g. `base64 -w0 file.png`)"
+            ) from None
+    return blobs
 
 
 def _outputs(value: Any, binary_default: bool) -> tuple[tuple[str, ...], frozenset[str]]:
