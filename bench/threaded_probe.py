@@ -10,7 +10,7 @@ servicer
 does), puts (rows, concurrent.futures.Future) on a queue and blocks on the future; one batch
 thread waits for the first item, optionally waits a little for more ("peak": while fewer are
 queued than were outstanding at the busiest moment since the previous flush, at most
---max-wait-s after the oldest arrived, as service/batcher.py does; "drain": never), takes
+--max-wait-s after the oldest arrived, as service/batching/ does; "drain": never), takes
 up to --max-rows rows, runs ONE Model.predict on the stacked rows and completes the futures.
 The handler encodes the packed reply with service.dataplane.codec.encode_response.
 
@@ -175,7 +175,7 @@ def main() -> int:
     parser.add_argument("--probe-workers", default="80",
                         help="comma-separated ThreadPoolExecutor sizes, one probe server each")
     parser.add_argument("--policy", choices=("peak", "drain"), default="peak",
-                        help="peak: wait like service/batcher.py; drain: take what is queued")
+                        help="peak: wait like service/batching/; drain: take what is queued")
     parser.add_argument("--max-rows", type=int, default=256)
     parser.add_argument("--max-wait-s", type=float, default=0.002)
     parser.add_argument("--no-ours", action="store_true", help="skip `python -m service`")

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gzip
 import hashlib
-import http.server
 import os
 import shutil
-import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.data import SHARED_DATA, _real_dir, dead_url, real_mnist_dir, serve
 
 from trainer.data import (
     FILE_NAMES,
@@ -30,23 +25,6 @@ from trainer.data import (
     read_labels,
     write_idx,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def real_mnist_dir() -> Path:
-    """The real 5k/10k MNIST files; skipped when absent, except in CI where it must fail."""
-    return _real_dir(Path(os.environ.get("MNIST_DATA_DIR", SHARED_DATA / "mnist")),
-                     "MNIST_DATA_DIR")
-
-
-def _real_dir(path: Path, variable: str) -> Path:
-    if not all((path / f"{n}.gz").is_file() or (path / n).is_file() for n in FILE_NAMES):
-        message = f"real data files not found in {path} (set {variable})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def write_set(directory: Path, n_train: int = 40, n_test: int = 20, gz: bool = True) -> None:
@@ -156,32 +134,10 @@ def test_full_size_files_read() -> None:
 # --- download ----------------------------------------------------------------------------
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
-@contextlib.contextmanager
-def serve(directory: Path) -> Iterator[str]:
-    """A static file server on 127.0.0.1 for `directory`; yields its base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
-def dead_url() -> str:
-    """A 127.0.0.1 URL that refuses connections: what an unreachable mirror looks like."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 def sha256s(directory: Path) -> dict[str, str]:

@@ -19,13 +19,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread
-from procs import free_port
 from prometheus_client import CollectorRegistry
-from service.batcher import REQUEST_OVERHEAD_BYTES, Batcher
 from support.http_client import Response, request
-from test_images import BAD, a_digit, encoded
+from support.images import BAD, a_digit, encoded
+from support.procs import free_port
+from support.servers import ServerThread
 
+from service.batching import REQUEST_OVERHEAD_BYTES, Batcher
 from service.config import Settings
 from service.dataplane import DataPlane, InferPipeline
 from service.dataplane.images import ImageDecoder

@@ -84,3 +84,15 @@ def test_imports_point_down(path: Path) -> None:
         assert their_rank <= rank, (
             f"{me} ({mine}, layer {rank}) imports {target} ({theirs}, layer {their_rank}): "
             "imports point down (docs/architecture.md)")
+
+
+def test_no_test_module_imports_another() -> None:
+    """Helpers live in tests/support/; a test module (or conftest) is never imported."""
+    tests = Path(__file__).resolve().parent
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("test_", "conftest")), (
+                    f"{path.name} imports {name}: move what it needs to tests/support/")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data import dead_url, real_mnist_dir, serve
-from test_trainer_train import synthetic_digits
+from support.data import dead_url, real_mnist_dir, serve, synthetic_digits
 
 from service.model import load_model
 from trainer.cli import build_parser, config_from_args, main

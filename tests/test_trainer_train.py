@@ -6,9 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
-from test_data import real_mnist_dir
+from support.data import real_mnist_dir, synthetic_digits
 
 from service.model import load_model, pixels_to_input
 from trainer.data import Dataset, load_dataset
@@ -18,15 +17,6 @@ from trainer.train import TrainConfig, run, split_validation
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def synthetic_digits(n: int, seed: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """Ten easy classes: a bright 6x6 block whose position is the class, over faint noise."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for c in range(10):
-        r, col = 4 + 8 * (c // 4), 2 + 6 * (c % 4)
-        images[labels == c, r : r + 6, col : col + 6] = 230
-    return images, labels
 
 
 def synthetic_dataset(n_train: int = 400, n_test: int = 200) -> Dataset:
