@@ -162,56 +162,38 @@ def test_three_replicas_share_the_load_and_prometheus_scrapes_each(stack: Stack)
 
     wait_for(three_up, 60, "Prometheus to scrape three replicas",
              lambda: json.dumps(stack.mnist_targets(), indent=1))
-    promql = 'sum by (instance) (mnist_requests_total{method="Classify"})'
-    before = stack.query(promql)
-    sent = 90
-    assert versions_answered(stack, sent) == [1] * sent
-
-    per_replica: dict[str, float] = {}
-
-    def all_counted() -> bool:
-        nonlocal per_replica
-        after = stack.query(promql)
-        per_replica = {i: v - before.get(i, 0.0) for i, v in after.items()}
-        return sum(per_replica.values()) >= sent
-
-    wait_for(all_counted, 30, "Prometheus to count every RPC", lambda: str(per_replica))
-    assert len(per_replica) == 3
-    assert sum(per_replica.values()) == sent
-    assert min(per_replica.values()) >= sent / 3 / 2, per_replica  # round robin, roughly fair
-
-
-def test_rest_through_the_balancer_classifies_real_digits_on_every_replica(
-    stack: Stack,
-) -> None:
-    """The KServe v2 REST port of `lb` (8000, published on MNIST_HTTP_PORT): readiness, and
-    real digits classified right, one request after the other on one kept-alive connection,
-    counted by Prometheus on each of the three replicas."""
-    promql = 'sum by (instance) (mnist_requests_total{method="REST ModelInfer"})'
-    before = stack.query(promql)
-    sent = 60
+    # gRPC on lb's 50051, and the KServe v2 REST API on its 8000 (published on MNIST_HTTP_PORT):
+    # readiness, then real digits classified right, one request after the other on one
+    # kept-alive connection. Each replica must have counted its share of both.
+    sent = {"Classify": 90, "REST ModelInfer": 60}
+    promql = {m: f'sum by (instance) (mnist_requests_total{{method="{m}"}})' for m in sent}
+    before = {m: stack.query(q) for m, q in promql.items()}
+    assert versions_answered(stack, sent["Classify"]) == [1] * sent["Classify"]
     with RestClient(stack.http_port, retry=False) as client:
         ready = client.request("GET", "/v2/health/ready")
         assert (ready.status, ready.json()) == (200, {"ready": True})
-        for _ in range(sent):
+        for _ in range(sent["REST ModelInfer"]):
             assert client.classes(DIGITS) == DIGIT_LABELS
 
-    per_replica: dict[str, float] = {}
+    per_replica: dict[str, dict[str, float]] = {}
 
     def all_counted() -> bool:
         nonlocal per_replica
-        after = stack.query(promql)
-        per_replica = {i: v - before.get(i, 0.0) for i, v in after.items()}
-        return sum(per_replica.values()) >= sent
+        for method, query in promql.items():
+            after = stack.query(query)
+            per_replica[method] = {i: v - before[method].get(i, 0.0) for i, v in after.items()}
+        return all(sum(per_replica[m].values()) >= n for m, n in sent.items())
 
-    wait_for(all_counted, 30, "Prometheus to count every REST infer", lambda: str(per_replica))
-    assert len(per_replica) == 3
-    assert sum(per_replica.values()) == sent
-    assert min(per_replica.values()) >= sent / 3 / 2, per_replica  # round robin, roughly fair
+    wait_for(all_counted, 30, "Prometheus to count every request", lambda: str(per_replica))
+    for method, n in sent.items():
+        counts = per_replica[method]
+        assert len(counts) == 3, (method, counts)
+        assert sum(counts.values()) == n, (method, counts)
+        assert min(counts.values()) >= n / 3 / 2, (method, counts)  # round robin, roughly fair
 
 
 def test_trainer_publishes_into_the_volume_and_every_replica_serves_it(
-    stack: Stack, tmp_path: Path
+    engine: Engine, stack: Stack, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
     synthetic_mnist(data)
@@ -223,6 +205,17 @@ def test_trainer_publishes_into_the_volume_and_every_replica_serves_it(
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["version"] == 2
     assert summary["path"] == "/models/mnist/2"
+
+    # Trained on synthetic digits, version 2 is far below the committed model's quality gate
+    # (models/mnist/gate, docs/versions.md): every replica loads it and REJECTS it, version 1
+    # keeps serving. An operator who wants it anyway promotes it on each replica.
+    rejected = 'sum by (instance) (mnist_gate_rejected_versions_total{model="mnist"})'
+    wait_for(lambda: len([v for v in stack.query(rejected).values() if v >= 1]) == 3, 30,
+             "every replica to judge version 2 against its gate", stack.logs)
+    assert set(versions_answered(stack, 9)) == {1}
+    for server in stack.containers("server"):
+        engine.docker("exec", "-e", f"MNIST_ADMIN_TOKEN={ADMIN_TOKEN}", server, "mnist-client",
+                      "--target", "127.0.0.1:50051", "promote", "mnist", "2", "--force")
 
     wait_for(lambda: set(versions_answered(stack, 9)) == {2}, 20,
              "every replica to answer with version 2", stack.logs)
@@ -384,7 +377,9 @@ def test_killed_server_process_is_restarted_by_the_restart_policy(
 
     wait_for(healthy_again, 60, "the server container to restart and turn healthy", stack.logs)
     assert server_process_status(engine, server)["Pid"] != str(pid)
-    assert versions_answered(stack, 3) == [2, 2, 2]  # the pin was in memory; the policy rules
+    # The forced promotion and the rollback pin were in memory: the restarted server judges
+    # version 2 against the gate again, rejects it, and serves version 1.
+    assert versions_answered(stack, 3) == [1, 1, 1]
 
 
 def test_server_whose_grpc_front_end_died_exits_non_zero_and_is_restarted(
