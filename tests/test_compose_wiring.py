@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from support.deploy import ROOT, docker_compose
+from support.deploy import ROOT, RestClient, docker_compose
 from support.procs import free_port
 from support.servers import make_model, uint8_request, write_version
 from support.synthetic import synthetic_mnist
@@ -62,7 +62,6 @@ class Stack:
 
     def environment(self, service: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
-        env["MNIST_HTTP_PORT"] = "0"  # compose does not publish the REST port (yet)
         for key, value in self.compose["services"][service].get("environment", {}).items():
             value = self.path(service, str(value))
             if key.endswith("_HOST") and value == "0.0.0.0":
@@ -128,6 +127,14 @@ def test_trainer_publishes_into_the_volume_and_the_server_hot_swaps(tmp_path: Pa
         stub = pb_grpc.ClassifierStub(channel)
         images = np.zeros((2, 28, 28), dtype=np.uint8)
         assert stub.Classify(uint8_request(images), timeout=10).version == 1
+        # The KServe v2 REST port compose exposes to the balancer answers as well.
+        http_port = int(server_env["MNIST_HTTP_PORT"])
+        assert str(stack.compose["services"]["server"]["environment"]["MNIST_HTTP_PORT"]) in {
+            str(p) for p in stack.compose["services"]["server"]["expose"]}
+        with RestClient(http_port, retry=False) as rest:
+            ready = rest.request("GET", "/v2/health/ready")
+            assert (ready.status, ready.json()) == (200, {"ready": True})
+            assert rest.infer(images).json()["model_version"] == "1"
 
         # `docker compose run --rm trainer --epochs 3 ...`: the user's args replace `command`.
         user_args = ["--epochs", "3", "--hidden", "32", "--seed", "1", "--quiet", "--json"]

@@ -103,6 +103,7 @@ def test_server_environment_is_real_valid_settings(compose: dict[str, Any]) -> N
     settings = load_settings(None, env)  # raises naming the bad value
     assert settings.model_dir == Path("/models")
     assert settings.port == 50051
+    assert settings.http_port == 8000
     assert settings.metrics_enabled
 
 
@@ -132,7 +133,10 @@ def test_topology_lb_fronts_replicas_and_trainer_shares_the_models_volume(
     services = compose["services"]
     server, trainer, lb = services["server"], services["trainer"], services["lb"]
     assert not server.get("ports"), "replicas must not publish ports, or --scale clashes"
-    assert [p["target"] for p in lb["ports"]] == [50051]
+    settings = load_settings(None, server["environment"])
+    exposed = {int(p) for p in server["expose"]}
+    assert {settings.port, settings.http_port, settings.metrics_port} <= exposed, exposed
+    assert [p["target"] for p in lb["ports"]] == [50051, 8000]
     assert lb["depends_on"]["server"]["condition"] == "service_healthy"
 
     def volume(service: dict[str, Any], target: str) -> dict[str, Any]:
@@ -274,6 +278,87 @@ def test_compose_upstreams_follow_replicas_through_docker_dns() -> None:
     )
 
 
+def _nginx_block(text: str, header: str) -> str:
+    """The body of the first `header { ... }` block (braces balanced; comments dropped)."""
+    text = re.sub(r"#[^\n]*", "", text)
+    match = re.search(header + r"\s*\{", text)
+    assert match, f"no block {header!r}"
+    depth, start = 1, match.end()
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    raise AssertionError(f"unbalanced block {header!r}")
+
+
+def _nginx_server(listen: int) -> str:
+    text = re.sub(r"#[^\n]*", "", (NGINX_DIR / "nginx.conf").read_text())
+    for match in re.finditer(r"\bserver\s*\{", text):
+        body = _nginx_block(text[match.start():], r"\bserver")
+        if re.search(rf"^\s*listen {listen};", body, re.M):
+            return body
+    raise AssertionError(f"deploy/nginx/nginx.conf: no server listening on {listen}")
+
+
+def _size_bytes(text: str) -> int:
+    value, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", text).groups()  # type: ignore[union-attr]
+    return int(value) << {"": 0, "k": 10, "m": 20, "g": 30}[unit.lower()]
+
+
+def test_rest_balancer_matches_the_servers_http_settings(compose: dict[str, Any]) -> None:
+    """The balancer's port 8000 proxies to every replica's --http-port, with the server's body
+    bound, kept-alive HTTP/1.1 upstream connections closed before the server's idle timeout
+    would, and no replay of a sent POST (docs/deployment.md, "Scale")."""
+    settings = load_settings(None, compose["services"]["server"]["environment"])
+    server = _nginx_server(8000)
+    size = re.search(r"^\s*client_max_body_size (\S+);", server, re.M)
+    assert size, "no client_max_body_size on the REST port"
+    assert _size_bytes(size.group(1)) == settings.http_max_body_bytes, (
+        f"nginx {size.group(1)} vs the server's --http-max-body-bytes "
+        f"{settings.http_max_body_bytes}: a body between the two fails with the wrong party")
+    assert re.search(r"^\s*proxy_pass http://mnist_http;", server, re.M)
+    assert re.search(r"^\s*proxy_http_version 1\.1;", server, re.M)
+    assert re.search(r'^\s*proxy_set_header Connection "";', server, re.M), (
+        "without it nginx sends `Connection: close` and upstream keep-alive is off")
+    retry = re.search(r"^\s*proxy_next_upstream ([^;]*);", server, re.M)
+    assert retry, "no proxy_next_upstream"
+    assert {"error", "timeout"} <= set(retry.group(1).split())
+    assert "non_idempotent" not in retry.group(1).split(), "a sent POST is never replayed"
+    connect = re.search(r"^\s*proxy_connect_timeout (\d+)ms;", server, re.M)
+    assert connect, "set proxy_connect_timeout in ms on the REST port"
+    assert int(connect.group(1)) <= 250, "a stale replica address must fail fast"
+    pages = {int(code) for line in re.findall(r"^\s*error_page ([^=;]*)", server, re.M)
+             for code in line.split()}
+    assert {502, 503, 504, 413} <= pages, pages
+
+    upstreams = (NGINX_DIR / "upstreams.conf").read_text()
+    upstream = _nginx_block(upstreams, r"upstream mnist_http")
+    assert re.search(rf"^\s*server server:{settings.http_port} resolve\b", upstream, re.M)
+    assert re.search(r"^\s*resolver 127\.0\.0\.11 valid=1s\b", upstream, re.M)
+    assert re.search(r"^\s*zone \S+ \d+k;", upstream, re.M)
+    assert re.search(r"^\s*keepalive \d+;", upstream, re.M)
+    idle = re.search(r"^\s*keepalive_timeout (\d+)s;", upstream, re.M)
+    assert idle, "set the upstream keepalive_timeout explicitly"
+    assert int(idle.group(1)) < settings.http_idle_timeout_s, (
+        "nginx must drop an idle upstream connection before the replica does, or it writes "
+        "requests into connections being closed")
+
+
+def test_rest_port_is_published_like_the_grpc_port() -> None:
+    """MNIST_HTTP_BIND/MNIST_HTTP_PORT move the published REST port as MNIST_GRPC_* move gRPC's."""
+    def published(env: dict[str, str]) -> dict[int, tuple[str, str]]:
+        result = docker_compose("config", "--format", "json", env=env)
+        assert result.returncode == 0, result.stderr
+        lb = json.loads(result.stdout)["services"]["lb"]
+        return {p["target"]: (p.get("host_ip", ""), str(p["published"])) for p in lb["ports"]}
+
+    defaults = {k: "" for k in ("MNIST_HTTP_BIND", "MNIST_HTTP_PORT", "MNIST_GRPC_BIND",
+                                "MNIST_GRPC_PORT")}
+    assert published(defaults) == {50051: ("0.0.0.0", "50051"), 8000: ("0.0.0.0", "8000")}
+    moved = {**defaults, "MNIST_HTTP_BIND": "127.0.0.1", "MNIST_HTTP_PORT": "18000"}
+    assert published(moved) == {50051: ("0.0.0.0", "50051"), 8000: ("127.0.0.1", "18000")}
+
+
 # --- Prometheus
 
 
@@ -345,6 +430,8 @@ def test_k8s_deployment_probes_grpc_health_and_drains_before_the_kill() -> None:
     ports = {p["containerPort"] for p in server["ports"]}
     assert settings.port in ports
     assert settings.metrics_port in ports
+    named = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert named["http"] == settings.http_port == 8000, named
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == settings.port, probe
     pre_stop = server["lifecycle"]["preStop"]["exec"]["command"]
@@ -363,6 +450,8 @@ def test_k8s_service_is_headless_and_hpa_targets_the_deployment() -> None:
     service = docs["Service/mnist-server"]
     pod_labels = docs["Deployment/mnist-server"]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["clusterIP"] == "None", "gRPC needs per-pod endpoints"
+    service_ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+    assert service_ports["http"] == (8000, "http"), service_ports
     assert service["spec"]["selector"].items() <= pod_labels.items()
     hpa = docs["HorizontalPodAutoscaler/mnist-server"]
     assert hpa["spec"]["scaleTargetRef"] == {

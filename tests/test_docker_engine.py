@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from support.deploy import RestClient
 from support.docker import (
     ADMIN_TOKEN,
     Engine,
@@ -46,6 +47,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DEPLOYMENT = ROOT / "deploy" / "k8s" / "deployment.yaml"
 IMAGES = np.zeros((2, 28, 28), dtype=np.uint8)
+# MNIST test images 0..9 and their labels (docs/examples/make_examples.py), which the
+# committed model classifies right (README, "Over HTTP with curl").
+DIGITS = np.load(ROOT / "docs" / "examples" / "first-10-test-images.npy")
+DIGIT_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 
 @pytest.fixture(scope="module")
@@ -157,27 +162,38 @@ def test_three_replicas_share_the_load_and_prometheus_scrapes_each(stack: Stack)
 
     wait_for(three_up, 60, "Prometheus to scrape three replicas",
              lambda: json.dumps(stack.mnist_targets(), indent=1))
-    promql = 'sum by (instance) (mnist_requests_total{method="Classify"})'
-    before = stack.query(promql)
-    sent = 90
-    assert versions_answered(stack, sent) == [1] * sent
+    # gRPC on lb's 50051, and the KServe v2 REST API on its 8000 (published on MNIST_HTTP_PORT):
+    # readiness, then real digits classified right, one request after the other on one
+    # kept-alive connection. Each replica must have counted its share of both.
+    sent = {"Classify": 90, "REST ModelInfer": 60}
+    promql = {m: f'sum by (instance) (mnist_requests_total{{method="{m}"}})' for m in sent}
+    before = {m: stack.query(q) for m, q in promql.items()}
+    assert versions_answered(stack, sent["Classify"]) == [1] * sent["Classify"]
+    with RestClient(stack.http_port, retry=False) as client:
+        ready = client.request("GET", "/v2/health/ready")
+        assert (ready.status, ready.json()) == (200, {"ready": True})
+        for _ in range(sent["REST ModelInfer"]):
+            assert client.classes(DIGITS) == DIGIT_LABELS
 
-    per_replica: dict[str, float] = {}
+    per_replica: dict[str, dict[str, float]] = {}
 
     def all_counted() -> bool:
         nonlocal per_replica
-        after = stack.query(promql)
-        per_replica = {i: v - before.get(i, 0.0) for i, v in after.items()}
-        return sum(per_replica.values()) >= sent
+        for method, query in promql.items():
+            after = stack.query(query)
+            per_replica[method] = {i: v - before[method].get(i, 0.0) for i, v in after.items()}
+        return all(sum(per_replica[m].values()) >= n for m, n in sent.items())
 
-    wait_for(all_counted, 30, "Prometheus to count every RPC", lambda: str(per_replica))
-    assert len(per_replica) == 3
-    assert sum(per_replica.values()) == sent
-    assert min(per_replica.values()) >= sent / 3 / 2, per_replica  # round robin, roughly fair
+    wait_for(all_counted, 30, "Prometheus to count every request", lambda: str(per_replica))
+    for method, n in sent.items():
+        counts = per_replica[method]
+        assert len(counts) == 3, (method, counts)
+        assert sum(counts.values()) == n, (method, counts)
+        assert min(counts.values()) >= n / 3 / 2, (method, counts)  # round robin, roughly fair
 
 
 def test_trainer_publishes_into_the_volume_and_every_replica_serves_it(
-    stack: Stack, tmp_path: Path
+    engine: Engine, stack: Stack, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
     synthetic_mnist(data)
@@ -189,6 +205,17 @@ def test_trainer_publishes_into_the_volume_and_every_replica_serves_it(
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["version"] == 2
     assert summary["path"] == "/models/mnist/2"
+
+    # Trained on synthetic digits, version 2 is far below the committed model's quality gate
+    # (models/mnist/gate, docs/versions.md): every replica loads it and REJECTS it, version 1
+    # keeps serving. An operator who wants it anyway promotes it on each replica.
+    rejected = 'sum by (instance) (mnist_gate_rejected_versions_total{model="mnist"})'
+    wait_for(lambda: len([v for v in stack.query(rejected).values() if v >= 1]) == 3, 30,
+             "every replica to judge version 2 against its gate", stack.logs)
+    assert set(versions_answered(stack, 9)) == {1}
+    for server in stack.containers("server"):
+        engine.docker("exec", "-e", f"MNIST_ADMIN_TOKEN={ADMIN_TOKEN}", server, "mnist-client",
+                      "--target", "127.0.0.1:50051", "promote", "mnist", "2", "--force")
 
     wait_for(lambda: set(versions_answered(stack, 9)) == {2}, 20,
              "every replica to answer with version 2", stack.logs)
@@ -248,6 +275,48 @@ class Load:
             t.join(timeout=30)
 
 
+@dataclass
+class RestLoad:
+    """Closed-loop REST clients through the balancer's port 8000, each on one kept-alive
+    connection, with the client retry docs/deployment.md asks for (deploy_support.RestClient:
+    a 502/503 from the balancer or a connection closed under a request is sent again)."""
+
+    stack: Stack
+    clients: int = 1  # beside Load's 3: the 2-core machine also runs every replica and nginx
+    pause_s: float = 0.01
+    latencies_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _run(self) -> None:
+        with RestClient(self.stack.http_port) as client:
+            for _ in range(20_000):  # bounded whatever happens to `stop`
+                if self.stop.is_set():
+                    break
+                start = time.monotonic()
+                try:
+                    classes = client.classes(DIGITS)
+                    if classes != DIGIT_LABELS:
+                        self.errors.append(f"wrong classes {classes}")
+                except (OSError, AssertionError) as e:
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                self.latencies_s.append(time.monotonic() - start)
+                self.stop.wait(self.pause_s)
+            self.retried.extend(client.retried)
+
+    def __enter__(self) -> RestLoad:
+        self.threads = [threading.Thread(target=self._run) for _ in range(self.clients)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
 def slow_balancer_lines(stack: Stack, threshold_s: float) -> list[str]:
     """nginx's access log lines (deploy/nginx/nginx.conf `grpc` format) of RPCs that took long:
     which replicas each was tried on and how long each try took."""
@@ -258,14 +327,18 @@ def slow_balancer_lines(stack: Stack, threshold_s: float) -> list[str]:
 
 
 def test_scale_down_under_load_loses_no_request(stack: Stack) -> None:
-    with Load(stack) as load:
+    """gRPC and REST load at once, across a scale-down from 3 replicas to 1."""
+    with Load(stack) as load, RestLoad(stack) as rest:
         time.sleep(1)
-        started = len(load.latencies_s)
+        started, rest_started = len(load.latencies_s), len(rest.latencies_s)
         stack.up("--scale", "server=1", "--no-recreate")
         # Long enough for the balancer to try the removed replicas' addresses from its resolver
         # cache after their containers are gone, and again after fail_timeout: with
         # `valid=5s` and `grpc_connect_timeout 1s` this saw RPCs of 1.0 s in two of four runs.
         time.sleep(8)
+    print(f"across the scale-down: {len(load.latencies_s)} RPCs, slowest "
+          f"{max(load.latencies_s, default=0):.3f} s; {len(rest.latencies_s)} REST requests, "
+          f"{len(rest.retried)} client retries, slowest {max(rest.latencies_s, default=0):.3f} s")
     assert len(stack.containers("server")) == 1
     assert started > 0, "the load did not start"
     assert len(load.latencies_s) > started + 100, "the load did not run across the scale-down"
@@ -275,6 +348,16 @@ def test_scale_down_under_load_loses_no_request(stack: Stack) -> None:
         f"slowest RPC took {slowest:.3f} s across the scale-down; the balancer's slow ones:\n"
         + "\n".join(slow_balancer_lines(stack, 0.2))
     )
+    assert rest_started > 0, "the REST load did not start"
+    assert len(rest.latencies_s) > rest_started + 50, "the REST load did not run across it"
+    assert rest.errors == [], rest.errors[:5]
+    # What the client had to retry: only the balancer's 502 for a POST a stopping replica
+    # closed under it (nginx does not replay a sent POST) or a connection reset.
+    assert all(r.startswith(("502", "Remote", "Connection")) for r in rest.retried), rest.retried
+    rest_slowest = max(rest.latencies_s)
+    assert rest_slowest < 0.5, (
+        f"slowest REST request took {rest_slowest:.3f} s across the scale-down; the balancer's "
+        "slow ones:\n" + "\n".join(slow_balancer_lines(stack, 0.2)))
 
 
 # --- failures
@@ -295,7 +378,9 @@ def test_killed_server_process_is_restarted_by_the_restart_policy(
 
     wait_for(healthy_again, 60, "the server container to restart and turn healthy", stack.logs)
     assert server_process_status(engine, server)["Pid"] != str(pid)
-    assert versions_answered(stack, 3) == [2, 2, 2]  # the pin was in memory; the policy rules
+    # The forced promotion and the rollback pin were in memory: the restarted server judges
+    # version 2 against the gate again, rejects it, and serves version 1.
+    assert versions_answered(stack, 3) == [1, 1, 1]
 
 
 def test_server_whose_grpc_front_end_died_exits_non_zero_and_is_restarted(

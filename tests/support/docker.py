@@ -118,11 +118,14 @@ class Stack:
         self.engine = engine
         self.project = f"mnist-engine-test-{os.getpid()}"
         self.grpc_port = free_port()
+        self.http_port = free_port()
         self.prometheus_port = free_port()
         self.env = {
             **engine.env,
             "MNIST_GRPC_BIND": "127.0.0.1",
             "MNIST_GRPC_PORT": str(self.grpc_port),
+            "MNIST_HTTP_BIND": "127.0.0.1",
+            "MNIST_HTTP_PORT": str(self.http_port),
             "PROMETHEUS_PORT": str(self.prometheus_port),
             "GRAFANA_PORT": str(free_port()),
             "MNIST_ADMIN_ENABLED": "true",
