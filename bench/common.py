@@ -83,6 +83,12 @@ def env_without(*prefixes: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
+# Benchmarked servers get no HTTP port unless a bench asks for one (the default 8000 would
+# collide between servers); through the environment, so an older tree without the flag (an
+# A/B baseline) starts too.
+os.environ.setdefault("MNIST_HTTP_PORT", "0")
+
+
 def service_command(model_dir: Path, port: int, *, metrics_port: int | None,
                     rescan_interval_s: float = 0, extra: Iterable[str] = (),
                     http_port: int = 0) -> list[str]:
@@ -93,7 +99,8 @@ def service_command(model_dir: Path, port: int, *, metrics_port: int | None,
                if metrics_port is not None else ["--no-metrics-enabled"])
     return [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host",
             "127.0.0.1", "--port", str(port), "--rescan-interval-s", f"{rescan_interval_s:g}",
-            "--log-level", "WARNING", "--http-port", str(http_port), *metrics, *extra]
+            "--log-level", "WARNING", *(["--http-port", str(http_port)] if http_port else []),
+            *metrics, *extra]
 
 
 def wait_until_ready(proc: subprocess.Popen[bytes], target: str,
