@@ -11,8 +11,10 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 from support.servers import ServerThread, make_model, test_settings, write_version
+from support.triton import triton_python  # noqa: F401  (a fixture for the Triton client tests)
 
 from service.metrics import Metrics
+from service.model import Model
 from service.pb.mnist.v1 import classifier_pb2_grpc as pb_grpc
 
 
@@ -38,6 +40,21 @@ def start(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def models() -> dict[int, Model]:
+    """Two versions of 'mnist' that answer differently (test modules may override)."""
+    return {1: make_model(seed=1), 2: make_model(seed=2)}
+
+
+@pytest.fixture
+def repo(tmp_path: Path, models: dict[int, Model]) -> Path:
+    """A repository holding `models` as 'mnist' versions."""
+    repo = tmp_path / "models"
+    for v, m in models.items():
+        write_version(repo, "mnist", v, m)
+    return repo
 
 
 @pytest.fixture

@@ -19,22 +19,9 @@ import pytest
 from support.http_client import Response, closed_by_peer, exchange, read_response, request
 from support.numerics import assert_probabilities
 from support.procs import free_port
-from support.servers import ServerThread, make_model, write_version
+from support.servers import ServerThread
 
 from service.model import Model, pixels_to_input
-
-
-@pytest.fixture
-def models() -> dict[int, Model]:
-    return {1: make_model(seed=1), 2: make_model(seed=2)}
-
-
-@pytest.fixture
-def repo(tmp_path: Path, models: dict[int, Model]) -> Path:
-    repo = tmp_path / "models"
-    for v, m in models.items():
-        write_version(repo, "mnist", v, m)
-    return repo
 
 
 def start_http(start: Callable[..., ServerThread], repo: Path, **overrides: Any) -> ServerThread:

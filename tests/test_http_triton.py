@@ -9,29 +9,20 @@ are compared here with Model.predict on the same inputs.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 from support.numerics import assert_probabilities
 from support.procs import free_port
-from support.servers import ServerThread, make_model, skip_or_fail, write_version
+from support.servers import ServerThread, make_model, write_version
+from support.triton import run_client
 
 from mnist_client.images import load_image
 from service.model import Model, pixels_to_input
 
 ROOT = Path(__file__).resolve().parent.parent
-TRITON_PYTHON = ROOT / ".tools" / "triton-venv" / "bin" / "python"
-CLIENT = Path(__file__).resolve().parent / "support" / "http_triton_client.py"
 
-
-@pytest.fixture(scope="module")
-def triton_python() -> Path:
-    if not TRITON_PYTHON.exists():
-        skip_or_fail(f"{TRITON_PYTHON} missing: run scripts/install-test-tools.sh")
-    return TRITON_PYTHON
 
 
 def test_triton_http_client(triton_python: Path, tmp_path: Path,
@@ -46,12 +37,9 @@ def test_triton_http_client(triton_python: Path, tmp_path: Path,
     pixels = rng.integers(0, 256, (2, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "in.npz", x=x, pixels=pixels)
     files = [ROOT / "docs" / "examples" / f"digit-{d}.png" for d in (7, 2, 1)]
-    done = subprocess.run(
-        [str(triton_python), str(CLIENT), f"127.0.0.1:{server.settings.http_port}",
-         str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), str(tmp_path / "out.json"),
-         *map(str, files)],
-        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"triton client failed:\n{done.stdout}\n{done.stderr}"
+    run_client(triton_python, "http_triton_client.py", f"127.0.0.1:{server.settings.http_port}",
+               str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), str(tmp_path / "out.json"),
+               *map(str, files))
     seen = json.loads((tmp_path / "out.json").read_text())
     got = dict(np.load(tmp_path / "out.npz"))
 

@@ -29,19 +29,6 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture
-def models() -> dict[int, Model]:
-    return {1: make_model(seed=1), 2: make_model(seed=2)}
-
-
-@pytest.fixture
-def repo(tmp_path: Path, models: dict[int, Model]) -> Path:
-    repo = tmp_path / "models"
-    for v, m in models.items():
-        write_version(repo, "mnist", v, m)
-    return repo
-
-
-@pytest.fixture
 def server(repo: Path, start: Callable[..., ServerThread]) -> ServerThread:
     return start(repo, version_policy="latest:2", admin_enabled=True, admin_token=TOKEN)
 

@@ -9,7 +9,6 @@ its answers are compared here with Model.predict on the same inputs.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,30 +16,16 @@ from typing import Any
 import numpy as np
 import pytest
 from support.numerics import assert_probabilities
-from support.servers import ServerThread, make_model, skip_or_fail, write_version
+from support.servers import ServerThread, make_model, write_version
+from support.triton import run_client
 
 from service.model import Model, pixels_to_input
 from service.pb.inference import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
-TRITON_PYTHON = ROOT / ".tools" / "triton-venv" / "bin" / "python"
-CLIENT = Path(__file__).resolve().parent / "support" / "oip_triton_client.py"
 TOKEN = "triton-test-token"
 
 
-@pytest.fixture(scope="module")
-def triton_python() -> Path:
-    if not TRITON_PYTHON.exists():
-        skip_or_fail(f"{TRITON_PYTHON} missing: run scripts/install-test-tools.sh")
-    return TRITON_PYTHON
-
-
-def run_client(python: Path, *args: str) -> None:
-    done = subprocess.run(
-        [str(python), str(CLIENT), *args], capture_output=True, text=True, timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, f"triton client failed:\n{done.stdout}\n{done.stderr}"
 
 
 def _repeated(field: Any) -> bool:
@@ -73,7 +58,7 @@ def test_our_proto_is_wire_compatible_with_tritons(triton_python: Path, tmp_path
     here. Ours must be a subset, and nothing Triton's clients use may be missing.
     """
     out = tmp_path / "triton.json"
-    run_client(triton_python, "descriptor", str(out))
+    run_client(triton_python, "oip_triton_client.py", "descriptor", str(out))
     theirs = json.loads(out.read_text())
     ours = our_descriptor()
     assert ours["package"] == theirs["package"] == "inference"
@@ -110,7 +95,8 @@ def test_triton_client_end_to_end(
     inputs, results = tmp_path / "in.npz", tmp_path / "out.npz"
     np.savez(inputs, x=x, pixels=pixels)
 
-    run_client(triton_python, "drive", server.target, str(inputs), str(results), TOKEN)
+    run_client(triton_python, "oip_triton_client.py", "drive", server.target, str(inputs),
+               str(results), TOKEN)
 
     out = dict(np.load(results))
     facts = json.loads(out.pop("facts").tobytes())

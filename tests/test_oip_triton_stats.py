@@ -4,13 +4,13 @@ gRPC client (tritonclient, in .tools/triton-venv) against a real server on 127.0
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.servers import ServerThread, make_model, skip_or_fail, write_version
+from support.servers import ServerThread, make_model, write_version
+from support.triton import run_client
 
 from service.api.oip_config import BatchingConfig, model_config, model_config_dict
 from service.api.oip_statistics import statistics_dict
@@ -19,23 +19,8 @@ from service.pb.inference import model_config_pb2 as mc
 from service.registry.version_policy import VersionPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
-TRITON_PYTHON = ROOT / ".tools" / "triton-venv" / "bin" / "python"
-CLIENT = Path(__file__).resolve().parent / "support" / "oip_triton_stats_client.py"
 
 
-@pytest.fixture(scope="module")
-def triton_python() -> Path:
-    if not TRITON_PYTHON.exists():
-        skip_or_fail(f"{TRITON_PYTHON} missing: run scripts/install-test-tools.sh")
-    return TRITON_PYTHON
-
-
-def run_client(python: Path, *args: str) -> None:
-    done = subprocess.run(
-        [str(python), str(CLIENT), *args], capture_output=True, text=True, timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, f"triton client failed:\n{done.stdout}\n{done.stderr}"
 
 
 def test_our_model_config_is_wire_compatible_with_tritons(
@@ -43,7 +28,7 @@ def test_our_model_config_is_wire_compatible_with_tritons(
 ) -> None:
     """Every field of our model_config.proto has Triton's number, type and cardinality."""
     out = tmp_path / "triton.json"
-    run_client(triton_python, "descriptor", str(out))
+    run_client(triton_python, "oip_triton_stats_client.py", "descriptor", str(out))
     theirs = json.loads(out.read_text())
     ours: dict[str, Any] = {}
 
@@ -113,7 +98,7 @@ def test_triton_client_reads_config_and_statistics(
     server = start(repo, version_policy="latest:2", max_batch_rows=32, max_batch_wait_s=0.004,
                    max_images_per_request=512, metrics_enabled=True)
     out = tmp_path / "facts.json"
-    run_client(triton_python, "drive", server.target, str(out))
+    run_client(triton_python, "oip_triton_stats_client.py", "drive", server.target, str(out))
     facts = json.loads(out.read_text())
 
     config = facts["config"]["value"]["config"]
