@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
@@ -236,8 +237,29 @@ def test_rollback_through_each_replicas_admin_api_reaches_all(engine: Engine, st
 # --- scale down under load
 
 
+class Clients:
+    """`clients` threads running `_run` for the length of a with-block (closed-loop load)."""
+
+    clients: int
+    stop: threading.Event
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.threads = [threading.Thread(target=self._run) for _ in range(self.clients)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
 @dataclass
-class Load:
+class Load(Clients):
     """Closed-loop clients through the balancer: the client library with its default retry
     policy (mnist_client/client.py, the one docs/deployment.md asks clients to use)."""
 
@@ -263,20 +285,9 @@ class Load:
                 self.latencies_s.append(time.monotonic() - start)
                 self.stop.wait(self.pause_s)
 
-    def __enter__(self) -> Load:
-        self.threads = [threading.Thread(target=self._run) for _ in range(self.clients)]
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
-
 
 @dataclass
-class RestLoad:
+class RestLoad(Clients):
     """Closed-loop REST clients through the balancer's port 8000, each on one kept-alive
     connection, with the client retry docs/deployment.md asks for (deploy_support.RestClient:
     a 502/503 from the balancer or a connection closed under a request is sent again)."""
@@ -304,17 +315,6 @@ class RestLoad:
                 self.latencies_s.append(time.monotonic() - start)
                 self.stop.wait(self.pause_s)
             self.retried.extend(client.retried)
-
-    def __enter__(self) -> RestLoad:
-        self.threads = [threading.Thread(target=self._run) for _ in range(self.clients)]
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
 
 
 def slow_balancer_lines(stack: Stack, threshold_s: float) -> list[str]:
