@@ -4,15 +4,14 @@
         [--repeats 3] [--hidden 128] [--probe-workers 80,64,128] [--policy peak]
 
 Not the service: a self-contained prototype, to measure before redesigning the front end.
-`grpc.server(ThreadPoolExecutor(max_workers=N))` serves mnist.v1.Classifier/Classify through
-a generic raw-bytes handler. A handler parses and decodes with service.dataplane.codec (as our
-servicer
-does), puts (rows, concurrent.futures.Future) on a queue and blocks on the future; one batch
-thread waits for the first item, optionally waits a little for more ("peak": while fewer are
-queued than were outstanding at the busiest moment since the previous flush, at most
---max-wait-s after the oldest arrived, as service/batching/ does; "drain": never), takes
-up to --max-rows rows, runs ONE Model.predict on the stacked rows and completes the futures.
-The handler encodes the packed reply with service.dataplane.codec.encode_response.
+`grpc.server(ThreadPoolExecutor(max_workers=N))` serves mnist.v1.Classifier/Classify through a
+generic raw-bytes handler. A handler parses and decodes with service.dataplane.codec (as our
+servicer does), puts (rows, concurrent.futures.Future) on a queue and blocks on the future; one
+batch thread waits for the first item, optionally waits a little for more ("peak": while fewer
+are queued than were outstanding at the busiest moment since the previous flush, at most
+--max-wait-s after the oldest arrived, as service/batching/ does; "drain": never), takes up to
+--max-rows rows, runs ONE Model.predict on the stacked rows and completes the futures. The
+handler encodes the packed reply with service.dataplane.codec.encode_response.
 
 Measured side by side (servers pinned to CPU 0, this load generator on CPU 1, servers
 restarted each round, medians): bare-threaded (serve_bench's), ours (`python -m service`, as

@@ -37,7 +37,7 @@ from service.api import servicer as classifier
 from service.api.malformed import Registrar, enable_reflection
 from service.batching import Batcher
 from service.config import Settings
-from service.dataplane.images import ImageDecoder
+from service.dataplane.images import ImageDecoder, ImageSettings
 from service.fatal import die
 from service.frontends import grpc_frontend, selftest
 from service.frontends.http import server as http_frontend
@@ -189,7 +189,7 @@ class Server:
                 self._stop_exporter = exporter.stop
         self._monitor = promotion_monitor(registry, metrics, settings)  # canary, shadow
         self.batcher.add_forward_observer(self._monitor.observe)
-        self.images = ImageDecoder(settings, metrics)  # decoder processes for encoded images
+        self.images = ImageDecoder(ImageSettings.from_settings(settings), metrics)  # decoders
         self.images.bind(asyncio.get_running_loop())
         await self._health.update()  # NOT_SERVING until a model is loaded
         await registry.start()

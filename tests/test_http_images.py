@@ -28,7 +28,7 @@ from support.servers import ServerThread
 from service.batching import REQUEST_OVERHEAD_BYTES, Batcher
 from service.config import Settings
 from service.dataplane import DataPlane, InferPipeline
-from service.dataplane.images import ImageDecoder
+from service.dataplane.images import ImageDecoder, ImageSettings
 from service.errors import Overloaded
 from service.frontends.http.api import RestInferPipeline, wire_equivalent
 from service.metrics import Metrics
@@ -258,7 +258,7 @@ def test_decoded_rows_are_charged_when_queued(model_repo: Path) -> None:
     bound = held + 4 * wire + REQUEST_OVERHEAD_BYTES  # the body just fits at admission
     metrics = Metrics(CollectorRegistry())
     registry = ModelRegistry(model_repo, metrics, rescan_interval_s=0)
-    decoder = ImageDecoder(Settings(image_decode_workers=1), metrics)
+    decoder = ImageDecoder(ImageSettings.from_settings(Settings(image_decode_workers=1)), metrics)
 
     async def scenario() -> None:
         await registry.start()

@@ -1,10 +1,10 @@
 """The Open Inference Protocol ("KServe v2") over gRPC: `inference.GRPCInferenceService`.
 
-A second front door onto the same core as mnist.v1: it shares the registry, the batcher and
-the metrics, so a v2 request and a native Classify request can land in the same batch and are
+A second front door onto the same core as mnist.v1: it shares the registry, the batcher and the
+metrics, so a v2 request and a native Classify request can land in the same batch and are
 answered by the same version. The servicer only translates (tensors:
-service/dataplane/oip_codec.py),
-calls the core and maps domain errors to statuses through `errors.status_of`.
+service/dataplane/oip_codec.py), calls the core and maps domain errors to statuses through
+`errors.status_of`.
 
 Outputs come back in `raw_output_contents` when the input came raw (what Triton's clients
 send and expect) and in the typed `contents` when it came typed (what JSON tools such as

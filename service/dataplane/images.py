@@ -24,6 +24,7 @@ import logging
 import struct
 import time
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from mnist_imaging.decode import FORMATS, ImageLimits, available
@@ -45,17 +46,34 @@ V2_INPUT = "images"
 _Element = TypeVar("_Element")
 
 
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    """What the decoder uses of Settings, and nothing more (the --image-* flags)."""
+
+    limits: ImageLimits
+    max_request_bytes: int
+    decode_timeout_s: float
+    max_waiting: int
+    decode_workers: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageSettings:
+        return cls(ImageLimits(max_bytes=settings.image_max_bytes,
+                               max_pixels=settings.image_max_pixels,
+                               max_request_pixels=settings.image_max_request_pixels),
+                   settings.image_max_request_bytes, settings.image_decode_timeout_s,
+                   settings.image_max_waiting, settings.image_decode_workers)
+
+
 class ImageDecoder:
     """The server's decoder processes and the bounds around them."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: ImageSettings, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._limits = ImageLimits(max_bytes=settings.image_max_bytes,
-                                   max_pixels=settings.image_max_pixels,
-                                   max_request_pixels=settings.image_max_request_pixels)
-        self._max_request_bytes = settings.image_max_request_bytes
-        self._timeout_s = settings.image_decode_timeout_s
-        self._max_waiting = settings.image_max_waiting
+        self._limits = settings.limits
+        self._max_request_bytes = settings.max_request_bytes
+        self._timeout_s = settings.decode_timeout_s
+        self._max_waiting = settings.max_waiting
         self._waiting = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: Any = None
@@ -63,7 +81,7 @@ class ImageDecoder:
         # The loop holds tasks weakly; these futures hold them (through their callbacks).
         self._tasks: set[concurrent.futures.Future[None]] = set()
         self.unavailable: str | None = None
-        if settings.image_decode_workers == 0:
+        if settings.decode_workers == 0:
             self.unavailable = ("this server does not decode encoded images "
                                 "(--image-decode-workers 0): send pixels instead")
         elif not available():
@@ -73,15 +91,16 @@ class ImageDecoder:
         else:
             from mnist_imaging.pool import DecoderPool
 
-            self._pool = DecoderPool(settings.image_decode_workers, self._limits)
+            self._pool = DecoderPool(settings.decode_workers, self._limits)
             self._threads = concurrent.futures.ThreadPoolExecutor(
-                settings.image_decode_workers, thread_name_prefix="image-decode"
+                settings.decode_workers, thread_name_prefix="image-decode"
             )
-        self._workers = settings.image_decode_workers if self._pool is not None else 0
+        self._workers = settings.decode_workers if self._pool is not None else 0
 
     @classmethod
     def off(cls, metrics: Metrics | None = None) -> ImageDecoder:
-        return cls(Settings(image_decode_workers=0), metrics or Metrics.disabled())
+        return cls(ImageSettings.from_settings(Settings(image_decode_workers=0)),
+                   metrics or Metrics.disabled())
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop the fast lane hands image requests to (start_server calls it)."""

@@ -2,9 +2,8 @@
 
 Two steps, so an HTTP/JSON front end reuses the second:
   1. wire -> `InferRequest`: for gRPC `InferPipeline.prepare` parses the protobuf with
-     service/dataplane/oip_codec.py; an HTTP adapter parses its JSON into the same fields with the
-     same
-     validation helpers.
+     service/dataplane/oip_codec.py; an HTTP adapter parses its JSON into the same fields with
+     the same validation helpers.
   2. `InferPipeline.resolve(request, scope, wire_bytes, encoder)` -> `InferJob`: the model,
      version or label must be loaded; the job carries what the reply needs and the wire's
      `encoder(job, prediction) -> bytes` (`grpc_encoder` here; `oip_codec.output_tensors`

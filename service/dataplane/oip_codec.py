@@ -1,11 +1,10 @@
 """v2 tensors <-> the model's rows: decode and validate ModelInfer inputs, encode outputs.
 
-The v2 counterpart of service/dataplane/codec.py, kept apart from the servicer (service/api/oip.py)
-so the
-rules for a valid v2 request live in one small, testable place. Raw bytes are viewed with one
-`np.frombuffer`, never a Python loop; float pixels pass the native codec's range and NaN rule,
-so both APIs reject the same input with the same message. Every rejection is an
-`InvalidInput` naming what was expected and what was received.
+The v2 counterpart of service/dataplane/codec.py, kept apart from the servicer
+(service/api/oip.py) so the rules for a valid v2 request live in one small, testable place. Raw
+bytes are viewed with one `np.frombuffer`, never a Python loop; float pixels pass the native
+codec's range and NaN rule, so both APIs reject the same input with the same message. Every
+rejection is an `InvalidInput` naming what was expected and what was received.
 
 The model, as ModelMetadata describes it:
     input  "images"          FP32 [-1, 784] in 0..1  (also accepted: UINT8 0..255, [-1, 28, 28])

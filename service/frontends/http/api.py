@@ -4,9 +4,8 @@ its implementation over the data plane the gRPC v2 servicer uses.
 The front end (service/frontends/http/server.py) owns sockets, HTTP framing, limits and the status
 mapping; everything it asks of the service goes through `RestApi`, so it holds no business
 logic. An infer is `DataPlane.call` with `RestInferPipeline`: REST's own parsing
-(service/frontends/http/codec.py over service/dataplane/oip_codec.py's validation), then the v2
-pipeline's
-`resolve` (routing key, version, label), the same batcher, and the same `RequestScope`
+(service/frontends/http/codec.py over service/dataplane/oip_codec.py's validation), then the
+v2 pipeline's `resolve` (routing key, version, label), the same batcher, and the same `RequestScope`
 accounting, under `method="REST ModelInfer"`.
 """
 
