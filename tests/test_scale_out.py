@@ -395,3 +395,43 @@ def test_balancer_answers_its_own_errors_as_kserve_json(tmp_path: Path) -> None:
             assert "error" in too_big.json()
     finally:
         stop_process(lb, signal.SIGQUIT)
+
+
+def test_a_replica_that_never_accepts_is_unavailable_not_a_deadline(tmp_path: Path) -> None:
+    """A replica removed by a scale-down but still in the balancer's resolver cache drops
+    connects without a reset: nginx's connect timeout (150 ms) is its 504. The RPC never
+    reached a server, so the client must get UNAVAILABLE, which it retries, not
+    DEADLINE_EXCEEDED, which it does not (the Docker scale-down test lost two RPCs so).
+    Here the silent replica is a loopback listener whose accept queue is full: the kernel
+    drops further SYNs, as a vanished container's address does."""
+    nginx = tool("nginx")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        port = silent.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue (never accepted): later SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+        grpc_port = free_port()
+        conf = render_nginx(tmp_path / "nginx", grpc_port, free_port(), [port],
+                            nginx_version(nginx))
+        log = tmp_path / "nginx.log"
+        with open(log, "wb") as out:
+            lb = subprocess.Popen(nginx_command(nginx, conf), stdout=out,
+                                  stderr=subprocess.STDOUT)
+        try:
+            wait_listening(grpc_port, lb, log)
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                with pytest.raises(grpc.RpcError) as failed:
+                    stub.Classify(uint8_request(np.zeros((1, 784))), timeout=10)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, (
+                failed.value.code(), failed.value.details(), log.read_text()[-2000:])
+        finally:
+            stop_process(lb, signal.SIGQUIT)
+            for s in fillers:
+                s.close()
