@@ -87,6 +87,11 @@ class Settings:
         0.05, "core front end, while shedding: longest a Classify/ModelInfer call waits "
         "unread at the door for room before RESOURCE_EXHAUSTED (0: refused at once)"
     )
+    max_pending_calls: int = _opt(
+        4096, "calls gRPC core may hold before the server takes them (a burst on either front "
+        "end; each holds at most 8 KiB of its message); past it gRPC core ends a call CANCELLED. "
+        "gRPC's own default cancels past 1,000"
+    )
     max_images_per_request: int = _opt(4096, "most images one request may carry")
     inline_forward_max_rows: int = _opt(
         32, "batches formed on the event loop (ClassifyStream; every batch with --frontend aio) "
@@ -248,6 +253,7 @@ def validate(s: Settings) -> None:
     """Reject nonsense early, with the flag's name in the message."""
     problems: list[str] = []
     positive = ("workers", "max_batch_rows", "max_queue_rows", "max_queue_bytes",
+                "max_pending_calls",
                 "max_images_per_request", "canary_window_images", "shadow_queue_batches",
                 "image_max_bytes", "image_max_request_bytes",
                 "image_max_pixels", "image_max_request_pixels", "image_max_waiting",

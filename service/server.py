@@ -83,7 +83,8 @@ class _Health:
         await self.servicer.enter_graceful_shutdown()
 
 
-def _server_options(settings: Settings) -> list[tuple[str, Any]]:
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """The options both front ends give gRPC core (bench/floor_bench.py uses them too)."""
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -95,6 +96,12 @@ def _server_options(settings: Settings) -> list[tuple[str, Any]]:
         # ~N x 8 KiB in gRPC core, not N messages (docs/serving.md, "Overload").
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 8192),
+        # Calls that arrived and that neither front end has taken yet wait in gRPC core's
+        # pending list; past its defaults (1,000, hard 3,000) gRPC core ends them CANCELLED,
+        # which a burst of small requests that all fit the queue reached (tests/
+        # test_overload.py). One configured bound instead (docs/serving.md, "Overload").
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
     ]
 
 
@@ -103,7 +110,7 @@ async def _choose_frontend(settings: Settings, registry: ModelRegistry) -> str:
     if settings.frontend != grpc_frontend.CORE:
         return settings.frontend
     problem = await selftest.core_frontend_problem(
-        registry, options=_server_options(settings), max_batch_rows=settings.max_batch_rows,
+        registry, options=server_options(settings), max_batch_rows=settings.max_batch_rows,
         max_queue_rows=settings.max_queue_rows, broken=settings.fault_injection == "selftest",
     )
     if problem is not None:
@@ -197,7 +204,7 @@ class Server:
         self.frontend = await _choose_frontend(settings, registry)
         metrics.set_frontend(self.frontend)
         server = self._grpc_server = grpc_frontend.build(self.frontend,
-                                                         _server_options(settings))
+                                                         server_options(settings))
         credentials = _credentials(settings)
         services = self._register(server, credentials)
         services.append(reflection.SERVICE_NAME)

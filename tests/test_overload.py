@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from support.core_harness import BOUND_S, Harness
-from support.servers import uint8_request
+from support.servers import ServerThread, uint8_request
 
 from service.api import oip
 from service.api import servicer as classifier
@@ -530,3 +530,51 @@ def test_wait_for_termination_returns_when_the_polling_thread_ends_unasked() -> 
     finally:
         harness.stopped = True
         harness.close()
+
+
+# --- calls gRPC core holds before the server takes them
+
+async def _burst(target: str, calls: int, connections: int) -> dict[str, int]:
+    """`calls` one-image Classify calls at once over `connections` channels: their codes."""
+    body = request_bytes(1)
+    channels = [grpc.aio.insecure_channel(target) for _ in range(connections)]
+    try:
+        await asyncio.gather(*(ch.channel_ready() for ch in channels))
+
+        async def one(i: int) -> str:
+            try:
+                await channels[i % connections].unary_unary(classifier.CLASSIFY_PATH)(
+                    body, timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as e:
+                return e.code().name
+
+        codes: dict[str, int] = {}
+        for code in await asyncio.gather(*(one(i) for i in range(calls))):
+            codes[code] = codes.get(code, 0) + 1
+        return codes
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
+
+
+@pytest.mark.parametrize("frontend", ["core", "aio"])
+def test_a_burst_past_grpc_cores_default_pending_limit_is_served_not_cancelled(
+    model_repo: Path, start: Callable[..., ServerThread], frontend: str
+) -> None:
+    """gRPC core holds calls the server has not taken yet in a pending list, and by default
+    ends them CANCELLED once it holds 1,000 (grpc.aio takes calls one at a time from its
+    loop): a burst of 3,000 calls, each of which fits the queue, must all be answered."""
+    server = start(model_repo, frontend=frontend)
+    codes = asyncio.run(_burst(server.target, 3000, 10))
+    assert codes == {"OK": 3000}, codes
+
+
+def test_max_pending_calls_is_the_bound_grpc_core_applies(
+    model_repo: Path, start: Callable[..., ServerThread]
+) -> None:
+    """The same burst against a server told to hold at most 50 such calls: gRPC core ends
+    some CANCELLED (the bound is applied, and is the operator's to set)."""
+    server = start(model_repo, max_pending_calls=50)
+    codes = asyncio.run(_burst(server.target, 3000, 10))
+    assert codes.get("CANCELLED", 0) > 0, codes
+    assert set(codes) <= {"OK", "CANCELLED"}, codes
