@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -162,6 +163,12 @@ class RssSampler:
         return self.peak
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
@@ -178,6 +185,9 @@ def measure_phase(proc: subprocess.Popen[bytes], target: str, name: str,
     while time.time() < start_at:
         time.sleep(0.01)
     sampler = RssSampler(proc.pid)
+    cpu0 = _cpu_s(proc.pid)
+    time.sleep(duration_s)
+    cpu_s = _cpu_s(proc.pid) - cpu0
     results = [json.loads(p.communicate(timeout=duration_s + 120)[0]) for p in loads]
     rss = sampler.close()
     ok = [v for r in results for v in r["ok"]]
@@ -188,7 +198,10 @@ def measure_phase(proc: subprocess.Popen[bytes], target: str, name: str,
            "p99_ms": percentile_ms(ok, 99) if ok else float("nan"),
            "refused_per_s": len(refused) / duration_s,
            "refused_p99_ms": percentile_ms(refused, 99) if refused else float("nan"),
-           "other_errors": float(other), "rss_mib": rss / 2**20}
+           "other_errors": float(other), "rss_mib": rss / 2**20,
+           # the server's CPU use during the phase (1.0: its whole core) and per call answered
+           "cpu_share": cpu_s / duration_s,
+           "cpu_us_per_call": 1e6 * cpu_s / max(1, len(ok) + len(refused))}
     if extra is not None:
         e = json.loads(extra.communicate(timeout=duration_s + 120)[0])
         answers = e["ok"] + e["refused"]
@@ -214,6 +227,8 @@ def main() -> int:
     parser.add_argument("--frontends", default="core,aio")
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--server-args", default="", help="extra flags for the server")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the server only (repeatable)")
     parser.add_argument("--hidden", type=int, default=0,
                         help="serve a synthetic 784-N-10 model instead of models/mnist/1")
     args = parser.parse_args()
@@ -232,7 +247,8 @@ def main() -> int:
                                       extra=["--frontend", frontend, *args.server_args.split()])
                 proc, target = start_server(
                     cmd, port, Path(tmp) / f"{frontend}.log",
-                    classify_probe(classify_request(1, packed_output=True)), name=frontend)
+                    classify_probe(classify_request(1, packed_output=True)), name=frontend,
+                    env={**os.environ, **dict(v.split("=", 1) for v in args.server_env)})
                 try:
                     for name in phases:
                         out = measure_phase(proc, target, name, args.duration_s)
@@ -240,7 +256,10 @@ def main() -> int:
                         print(f"round {r + 1} {frontend:4} {name:6} {out['rps']:7.0f} req/s "
                               f"{out['ips']:9.0f} img/s p99 {out['p99_ms']:8.1f} ms "
                               f"refused {out['refused_per_s']:6.0f}/s "
-                              f"rss {out['rss_mib']:6.0f} MiB"
+                              f"rss {out['rss_mib']:6.0f} MiB cpu {out['cpu_share']:.2f} "
+                              f"({out['cpu_us_per_call']:.0f} us/call)"
+                              + (f" other errors {out['other_errors']:.0f}"
+                                 if out["other_errors"] else "")
                               + (f" extra p99 {out['extra_p99_ms']:.1f} ms (refusals "
                                  f"{out['extra_refused_p99_ms']:.1f} ms)"
                                  if "extra_p99_ms" in out else ""),
@@ -263,14 +282,14 @@ def report(results: dict[tuple[str, str], list[dict[str, float]]], frontends: li
     print(f"\nmedian [min-max] of {args.repeats} rounds, {args.duration_s} s a phase; server "
           "on CPU 0, load generators on CPU 1\n")
     print("| front end | phase | req/s | images/s | p50 ms | p99 ms | refused/s | "
-          "refused p99 ms | server peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "refused p99 ms | server peak RSS MiB | server CPU share | server CPU us a call |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for f in frontends:
         for name in phases:
             rs = results[(f, name)]
             cells = [_fmt([x[m] for x in rs]) for m in
                      ("rps", "ips", "p50_ms", "p99_ms", "refused_per_s", "refused_p99_ms",
-                      "rss_mib")]
+                      "rss_mib", "cpu_share", "cpu_us_per_call")]
             print(f"| {f} | {name} | " + " | ".join(cells) + " |")
     print("\n| front end | ratio (per round, same server) | value | target |")
     print("|---|---|---:|---|")
