@@ -249,6 +249,10 @@ def load_settings(
     return settings
 
 
+# gRPC core takes its options as C ints: a bigger one was an OverflowError at start-up.
+GRPC_INT_MAX = 2**31 - 1
+
+
 def validate(s: Settings) -> None:
     """Reject nonsense early, with the flag's name in the message."""
     problems: list[str] = []
@@ -274,6 +278,14 @@ def validate(s: Settings) -> None:
     for name in ("http_read_timeout_s", "http_idle_timeout_s"):
         if getattr(s, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(s, name)}")
+    if s.max_pending_calls > GRPC_INT_MAX:
+        problems.append(f"--max-pending-calls must be at most {GRPC_INT_MAX}, "
+                        f"got {s.max_pending_calls}")
+    if s.max_message_bytes > GRPC_INT_MAX:
+        problems.append(
+            f"--max-images-per-request {s.max_images_per_request} and --image-max-request-bytes "
+            f"{s.image_max_request_bytes} need a {s.max_message_bytes}-byte gRPC message, past "
+            f"gRPC's {GRPC_INT_MAX}")
     if s.frontend not in ("core", "aio"):
         problems.append(f"--frontend must be 'core' or 'aio', got {s.frontend!r}")
     if s.fault_injection not in FAULTS:

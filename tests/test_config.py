@@ -39,6 +39,10 @@ def test_bad_environment_value_names_the_variable() -> None:
     ("max_batch_wait_s", -1.0, "--max-batch-wait-s must be >= 0, got -1.0"),
     ("inline_forward_max_rows", -2, "--inline-forward-max-rows must be >= 0, got -2"),
     ("tls_cert", Path("c.pem"), "--tls-cert and --tls-key go together"),
+    # gRPC takes these as C ints; past 2**31 - 1 the server died with an OverflowError.
+    ("max_pending_calls", 2**31, "--max-pending-calls must be at most 2147483647, got 2147483648"),
+    ("max_images_per_request", 10_000_000,
+     "--max-images-per-request 10000000 and --image-max-request-bytes"),
 ])
 def test_validate_names_the_flag(field: str, value: object, message: str) -> None:
     from dataclasses import replace
