@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -278,6 +279,16 @@ def validate(s: Settings) -> None:
     for name in ("http_read_timeout_s", "http_idle_timeout_s"):
         if getattr(s, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(s, name)}")
+    # NaN passes every comparison above, and an infinite wait overflows where it becomes an int.
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    # Ports wrap modulo 65536 in gRPC core (70000 listened on 4464): refuse them instead.
+    for name in ("port", "http_port", "metrics_port", "admin_port"):
+        value = getattr(s, name)
+        if value is not None and not 0 <= value <= 65535:
+            problems.append(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
     if s.max_pending_calls > GRPC_INT_MAX:
         problems.append(f"--max-pending-calls must be at most {GRPC_INT_MAX}, "
                         f"got {s.max_pending_calls}")

@@ -43,6 +43,15 @@ def test_bad_environment_value_names_the_variable() -> None:
     ("max_pending_calls", 2**31, "--max-pending-calls must be at most 2147483647, got 2147483648"),
     ("max_images_per_request", 10_000_000,
      "--max-images-per-request 10000000 and --image-max-request-bytes"),
+    # NaN passed every bound; inf died with an OverflowError in the v2 config.
+    ("max_door_wait_s", float("nan"), "--max-door-wait-s must be a finite number, got nan"),
+    ("max_batch_wait_s", float("inf"), "--max-batch-wait-s must be a finite number, got inf"),
+    ("grace_period_s", float("-inf"), "--grace-period-s must be a finite number, got -inf"),
+    # gRPC core listened on 70000 - 65536 = 4464.
+    ("port", 70000, "--port must be in 0..65535, got 70000"),
+    ("http_port", 65536, "--http-port must be in 0..65535, got 65536"),
+    ("metrics_port", -1, "--metrics-port must be in 0..65535, got -1"),
+    ("admin_port", 99999, "--admin-port must be in 0..65535, got 99999"),
 ])
 def test_validate_names_the_flag(field: str, value: object, message: str) -> None:
     from dataclasses import replace
