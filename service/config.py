@@ -252,6 +252,9 @@ def load_settings(
 
 # gRPC core takes its options as C ints: a bigger one was an OverflowError at start-up.
 GRPC_INT_MAX = 2**31 - 1
+# Most server processes (--workers) and image decoder processes (--image-decode-workers).
+MAX_PROCESSES = 256
+MIN_RESCAN_INTERVAL_S = 0.01
 
 
 def validate(s: Settings) -> None:
@@ -289,6 +292,16 @@ def validate(s: Settings) -> None:
         value = getattr(s, name)
         if value is not None and not 0 <= value <= 65535:
             problems.append(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
+    # Each is a process of ~30-60 MiB: 5,000 decoder processes took this 24 GiB VM to the OOM
+    # killer before the server listened.
+    for name in ("workers", "image_decode_workers"):
+        if getattr(s, name) > MAX_PROCESSES:
+            problems.append(f"--{name.replace('_', '-')} must be at most {MAX_PROCESSES}, "
+                            f"got {getattr(s, name)}")
+    # A scan reads the repository's directories: 1 us between scans kept a core at 100%.
+    if 0 < s.rescan_interval_s < MIN_RESCAN_INTERVAL_S:
+        problems.append(f"--rescan-interval-s must be 0 (never) or at least "
+                        f"{MIN_RESCAN_INTERVAL_S}, got {s.rescan_interval_s}")
     if s.max_pending_calls > GRPC_INT_MAX:
         problems.append(f"--max-pending-calls must be at most {GRPC_INT_MAX}, "
                         f"got {s.max_pending_calls}")

@@ -47,6 +47,11 @@ def test_bad_environment_value_names_the_variable() -> None:
     ("max_door_wait_s", float("nan"), "--max-door-wait-s must be a finite number, got nan"),
     ("max_batch_wait_s", float("inf"), "--max-batch-wait-s must be a finite number, got inf"),
     ("grace_period_s", float("-inf"), "--grace-period-s must be a finite number, got -inf"),
+    # 5,000 decoder processes ran this VM out of memory before the server listened.
+    ("image_decode_workers", 5000, "--image-decode-workers must be at most 256, got 5000"),
+    ("workers", 257, "--workers must be at most 256, got 257"),
+    # A scan every microsecond kept a core at 100%.
+    ("rescan_interval_s", 1e-6, "or at least 0.01, got 1e-06"),
     # gRPC core listened on 70000 - 65536 = 4464.
     ("port", 70000, "--port must be in 0..65535, got 70000"),
     ("http_port", 65536, "--http-port must be in 0..65535, got 65536"),
