@@ -17,11 +17,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         serve(settings)
     except OSError as e:
+        # Not listening is the operator's to fix (a second server, e.g. `./dev serve` still
+        # running; a host name that does not resolve; a port below 1024 without the right):
+        # one line that says which, not a traceback.
         busy = _ports_in_use(settings, metrics=e.errno == errno.EADDRINUSE)
         if not busy:
-            raise
-        # The usual cause (a second server, e.g. `./dev serve` still running) is a user's
-        # mistake, not a bug: one line that says which port, not a traceback.
+            sys.exit(f"mnist-serve: cannot start: {e}")
         sys.exit(f"mnist-serve: cannot listen: {'; '.join(busy)} already in use by another "
                  "process: stop it or choose another port")
 

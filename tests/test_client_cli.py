@@ -377,3 +377,16 @@ def test_a_second_server_on_a_busy_port_says_so_in_one_line(
             assert err.splitlines()[-1] == (
                 f"mnist-serve: cannot listen: {what} already in use by another process: stop "
                 "it or choose another port")
+
+
+def test_a_host_that_cannot_be_listened_on_says_so_in_one_line(model_repo: Path) -> None:
+    """It printed a traceback ending in `OSError: cannot listen on 999.1.1.1:0`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--model-dir", str(model_repo), "--host", "999.1.1.1",
+         "--port", "0", "--http-port", "0", "--no-metrics-enabled"],
+        cwd=ROOT, env=env, timeout=120, capture_output=True)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == "mnist-serve: cannot start: cannot listen on 999.1.1.1:0"
