@@ -255,6 +255,7 @@ GRPC_INT_MAX = 2**31 - 1
 # Most server processes (--workers) and image decoder processes (--image-decode-workers).
 MAX_PROCESSES = 256
 MIN_RESCAN_INTERVAL_S = 0.01
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def validate(s: Settings) -> None:
@@ -310,6 +311,9 @@ def validate(s: Settings) -> None:
             f"--max-images-per-request {s.max_images_per_request} and --image-max-request-bytes "
             f"{s.image_max_request_bytes} need a {s.max_message_bytes}-byte gRPC message, past "
             f"gRPC's {GRPC_INT_MAX}")
+    if s.log_level.upper() not in LOG_LEVELS:  # an unknown one was INFO, silently
+        problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}, "
+                        f"got {s.log_level!r}")
     if s.frontend not in ("core", "aio"):
         problems.append(f"--frontend must be 'core' or 'aio', got {s.frontend!r}")
     if s.fault_injection not in FAULTS:

@@ -393,7 +393,7 @@ def _kill_frontend(running: RunningServer) -> None:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, level.upper()),  # one of config.LOG_LEVELS
         format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
     )
 

@@ -52,6 +52,8 @@ def test_bad_environment_value_names_the_variable() -> None:
     ("workers", 257, "--workers must be at most 256, got 257"),
     # A scan every microsecond kept a core at 100%.
     ("rescan_interval_s", 1e-6, "or at least 0.01, got 1e-06"),
+    # An unknown level was INFO, silently.
+    ("log_level", "NOPE", "--log-level must be one of DEBUG, INFO, WARNING, ERROR, got 'NOPE'"),
     # gRPC core listened on 70000 - 65536 = 4464.
     ("port", 70000, "--port must be in 0..65535, got 70000"),
     ("http_port", 65536, "--http-port must be in 0..65535, got 65536"),
