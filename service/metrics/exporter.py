@@ -82,13 +82,48 @@ def only_metrics_path(app: WSGIApp) -> WSGIApp:
     return handle
 
 
+# A thread serves each connection. Without these bounds a caller that opens connections and
+# sends nothing kept a thread each, for ever (2,000 such connections: 120 more threads and
+# counting); Prometheus needs one connection per scraper.
+MAX_CONNECTIONS = 32  # served at once; one more is answered 503 and closed
+READ_TIMEOUT_S = 5.0  # a connection silent this long is closed (a scrape asks at once)
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+         b"Content-Length: 33\r\nConnection: close\r\n\r\ntoo many connections; retry later")
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT_S
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds: no access log line each."""
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog (socketserver's 5 refused bursts of scrapes)
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 @dataclass(frozen=True, slots=True)
