@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -43,16 +42,17 @@ import time
 from pathlib import Path
 
 import grpc
-from common import CLASSIFY, ROOT, free_port, pin
+from common import CLASSIFY, ROOT, cpu_s, free_port, pin
+from overload_bench import spawn_load, split
 
 from service.config import Settings
 from service.server import server_options
 
 HERE = Path(__file__).resolve().parent
-LOAD = HERE / "overload_bench.py"
-# name -> (images per request, callers, connections, backoff after RESOURCE_EXHAUSTED or -1)
-SHAPES = {"b500": (256, 500, 500, 0.05), "r64": (256, 64, 64, -1.0),
-          "s16": (1, 16, 16, -1.0), "s2000": (1, 2000, 20, -1.0)}
+# name -> (images per request, callers, connections, backoff after RESOURCE_EXHAUSTED or None)
+SHAPES: dict[str, tuple[int, int, int, float | None]] = {
+    "b500": (256, 500, 500, 0.05), "r64": (256, 64, 64, None),
+    "s16": (1, 16, 16, None), "s2000": (1, 2000, 20, None)}
 KINDS = {"cpp-refuse": ("b500", "r64"), "core-refuse": ("b500", "r64"),
          "aio-refuse": ("b500", "r64"), "aio-answer": ("s16", "s2000"),
          "core-answer": ("s16", "s2000")}
@@ -139,11 +139,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], target: str) -> None:
     raise SystemExit("refusing server not ready in 30 s")
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(kind: str, shape: str, duration_s: float, cpp: Path | None) -> dict[str, float]:
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -152,20 +147,13 @@ def measure(kind: str, shape: str, duration_s: float, cpp: Path | None) -> dict[
         _wait_ready(proc, target)
         images, callers, connections, backoff = SHAPES[shape]
         start_at = time.time() + 2.0 + callers / 500
-        loads = []
-        for part in range(2):
-            c, k = callers // 2 + part * (callers % 2), connections // 2 + part * (connections % 2)
-            loads.append(subprocess.Popen(
-                [*pin(1), sys.executable, str(LOAD), "--load", "--target", target,
-                 "--images", str(images), "--callers", str(c), "--connections", str(k),
-                 "--backoff-s", str(backoff), "--start-at", repr(start_at),
-                 "--duration-s", str(duration_s), "--period-s", "0"],
-                cwd=ROOT, stdout=subprocess.PIPE))
+        loads = [spawn_load(target, images, c, k, backoff, start_at, duration_s)
+                 for c, k in zip(split(callers, 2), split(connections, 2), strict=True)]
         while time.time() < start_at:
             time.sleep(0.01)
-        cpu0 = _cpu_s(proc.pid)
+        cpu0 = cpu_s(proc.pid)
         time.sleep(duration_s)
-        cpu = _cpu_s(proc.pid) - cpu0
+        cpu = cpu_s(proc.pid) - cpu0
         results = [json.loads(p.communicate(timeout=duration_s + 120)[0]) for p in loads]
     finally:
         proc.terminate()

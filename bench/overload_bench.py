@@ -44,6 +44,7 @@ from common import (
     ROOT,
     classify_probe,
     classify_request,
+    cpu_s,
     free_port,
     model_repo,
     percentile_ms,
@@ -120,7 +121,7 @@ def run_load(args: argparse.Namespace) -> None:
     json.dump(out, sys.stdout)
 
 
-def _spawn_load(target: str, images: int, callers: int, connections: int,
+def spawn_load(target: str, images: int, callers: int, connections: int,
                 backoff_s: float | None, start_at: float, duration_s: float,
                 period_s: float = 0.0) -> subprocess.Popen[bytes]:
     cmd = [*pin(1), sys.executable, __file__, "--load", "--target", target,
@@ -163,13 +164,7 @@ class RssSampler:
         return self.peak
 
 
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _split(n: int, parts: int) -> list[int]:
+def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
@@ -178,16 +173,16 @@ def measure_phase(proc: subprocess.Popen[bytes], target: str, name: str,
     images, callers, connections, backoff_s = PHASES[name]
     start_at = time.time() + 2.0 + callers / 500  # time to open the connections
     parts = min(LOAD_PROCESSES, connections)
-    loads = [_spawn_load(target, images, c, k, backoff_s, start_at, duration_s)
-             for c, k in zip(_split(callers, parts), _split(connections, parts), strict=True)]
-    extra = (_spawn_load(target, images, 1, 1, 0.05, start_at, duration_s, EXTRA_PERIOD_S)
+    loads = [spawn_load(target, images, c, k, backoff_s, start_at, duration_s)
+             for c, k in zip(split(callers, parts), split(connections, parts), strict=True)]
+    extra = (spawn_load(target, images, 1, 1, 0.05, start_at, duration_s, EXTRA_PERIOD_S)
              if name == "b500" else None)
     while time.time() < start_at:
         time.sleep(0.01)
     sampler = RssSampler(proc.pid)
-    cpu0 = _cpu_s(proc.pid)
+    cpu0 = cpu_s(proc.pid)
     time.sleep(duration_s)
-    cpu_s = _cpu_s(proc.pid) - cpu0
+    cpu_used = cpu_s(proc.pid) - cpu0
     results = [json.loads(p.communicate(timeout=duration_s + 120)[0]) for p in loads]
     rss = sampler.close()
     ok = [v for r in results for v in r["ok"]]
@@ -200,8 +195,8 @@ def measure_phase(proc: subprocess.Popen[bytes], target: str, name: str,
            "refused_p99_ms": percentile_ms(refused, 99) if refused else float("nan"),
            "other_errors": float(other), "rss_mib": rss / 2**20,
            # the server's CPU use during the phase (1.0: its whole core) and per call answered
-           "cpu_share": cpu_s / duration_s,
-           "cpu_us_per_call": 1e6 * cpu_s / max(1, len(ok) + len(refused))}
+           "cpu_share": cpu_used / duration_s,
+           "cpu_us_per_call": 1e6 * cpu_used / max(1, len(ok) + len(refused))}
     if extra is not None:
         e = json.loads(extra.communicate(timeout=duration_s + 120)[0])
         answers = e["ok"] + e["refused"]
