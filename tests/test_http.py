@@ -7,6 +7,7 @@ is tests/test_http_triton.py; the docs' curl examples run in tests/test_http_doc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -407,6 +408,33 @@ def test_keep_alive_and_pipelining_answer_in_order(port: int) -> None:
         statuses = [read_response(sock) for _ in range(4)]
     assert [r.status for r in statuses] == [200, 200, 200, 404]
     assert statuses[1].json() == {"live": True}
+
+
+def test_a_caller_that_never_reads_its_replies_cannot_grow_the_servers_memory(
+    server: ServerThread, port: int
+) -> None:
+    """Pipelined requests whose replies are never read: the server used to read and answer
+    them all, holding every unsent reply (107 MB of requests grew it by 210 MB). Now it stops
+    reading that connection once 64 KiB of replies wait, and serves everyone else."""
+    chunk = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+    sent = 0
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.settimeout(2.0)
+        with contextlib.suppress(TimeoutError):  # the server stopped reading: sending stalls
+            while sent < 8 << 20:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        http = server.running.http
+        assert http is not None
+        unsent = server.run(http.unsent_bytes)
+        assert unsent <= 1 << 20, f"{unsent} bytes of replies held after {sent} bytes sent"
+        assert sent < 8 << 20, "the server kept reading a connection whose replies wait"
+        assert request(port, "GET", "/v2/health/live").status == 200  # others are served
+        # The caller reads at last: the replies come, in order, and the rest is served.
+        first = read_response(sock)
+        assert first.status == 200 and first.json() == {"live": True}
 
 
 def test_expect_100_continue(port: int) -> None:

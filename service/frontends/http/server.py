@@ -16,7 +16,10 @@ Everything a caller controls is bounded here, before the service sees it:
 - time: a request must arrive whole within `read_timeout_s` of its first byte (408: a
   slowloris holds a connection that long at most), and an idle keep-alive connection is
   closed after `idle_timeout_s`;
-- pipelining: one request at a time per connection; reading pauses while it is served.
+- pipelining: one request at a time per connection; reading pauses while it is served;
+- replies a caller does not read: while the connection's unsent replies are past the
+  transport's high-water mark (64 KiB) nothing more is read or served on it (without that, a
+  caller that pipelined requests and never read grew the server's memory without bound).
 Malformed HTTP is 400 and the connection closes; a malformed body is the codec's 400.
 """
 
@@ -88,6 +91,10 @@ class HttpFrontend:
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
+    def unsent_bytes(self) -> int:
+        """Reply bytes written and not yet sent, all connections together (call on the loop)."""
+        return sum(c.unsent_bytes for c in self.connections)
+
     async def stop(self, grace_s: float | None) -> None:
         """Refuse new connections, let requests being served finish within `grace_s`, then
         close every connection (idle keep-alive ones at once)."""
@@ -122,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self.busy = False  # a request is being served (its reply not yet written)
         self._closed = False
+        self._write_paused = False  # the caller is not reading its replies: wait for it
         self._reset()
 
     def _reset(self) -> None:
@@ -131,6 +139,10 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._charged = 0  # this request's share of frontend.reading_bytes
         self._reading = False
+
+    @property
+    def unsent_bytes(self) -> int:
+        return 0 if self._transport is None else self._transport.get_write_buffer_size()
 
     # --- asyncio.Protocol
 
@@ -173,6 +185,17 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # close our side too once replies are written
+
+    def pause_writing(self) -> None:
+        """The transport holds more unsent replies than its high-water mark: stop reading
+        and serving until the caller has read them (asyncio calls resume_writing)."""
+        self._write_paused = True
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._serve_queued()
 
     # --- httptools callbacks (run inside feed_data)
 
@@ -245,7 +268,7 @@ class _Connection(asyncio.Protocol):
     # --- serving
 
     def _serve_queued(self) -> None:
-        while self._queue and not self.busy and not self._closed:
+        while self._queue and not self.busy and not self._closed and not self._write_paused:
             request = self._queue.popleft()
             infer = route(self._api, request)
             if isinstance(infer, bytes):
@@ -256,7 +279,8 @@ class _Connection(asyncio.Protocol):
             task = self._loop.create_task(infer)
             task.add_done_callback(functools.partial(self._served, request))
             return
-        if not self._queue and not self.busy and not self._closed and self._transport:
+        if (not self._queue and not self.busy and not self._closed and not self._write_paused
+                and self._transport):
             self._transport.resume_reading()
             if not self._reading:
                 self._arm(self._limits.idle_timeout_s)
