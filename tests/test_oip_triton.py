@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from support.numerics import assert_probabilities
+from support.proto_shape import proto_shape
 from support.servers import ServerThread, make_model, write_version
 from support.triton import run_client
 
@@ -28,29 +28,6 @@ TOKEN = "triton-test-token"
 
 
 
-def _repeated(field: Any) -> bool:
-    return bool(field.is_repeated)
-
-
-def our_descriptor() -> dict[str, Any]:
-    messages: dict[str, Any] = {}
-
-    def walk(descs: Any, prefix: str) -> None:
-        for m in descs:
-            name = prefix + m.name
-            messages[name] = {
-                f.name: [f.number, f.type, _repeated(f),
-                         f.message_type.full_name if f.message_type else ""]
-                for f in m.fields
-            }
-            walk(m.nested_types, name + ".")
-
-    walk(pb.DESCRIPTOR.message_types_by_name.values(), "")
-    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    rpcs = {m.name: [m.input_type.full_name, m.output_type.full_name] for m in service.methods}
-    return {"package": pb.DESCRIPTOR.package, "messages": messages, "rpcs": rpcs}
-
-
 def test_our_proto_is_wire_compatible_with_tritons(triton_python: Path, tmp_path: Path) -> None:
     """Every field we declare has Triton's number, type and cardinality; every RPC its types.
 
@@ -60,10 +37,11 @@ def test_our_proto_is_wire_compatible_with_tritons(triton_python: Path, tmp_path
     out = tmp_path / "triton.json"
     run_client(triton_python, "oip_triton_client.py", "descriptor", str(out))
     theirs = json.loads(out.read_text())
-    ours = our_descriptor()
+    ours = proto_shape(pb.DESCRIPTOR)
     assert ours["package"] == theirs["package"] == "inference"
-    for rpc, types in ours["rpcs"].items():
-        assert theirs["rpcs"][rpc] == types, rpc
+    service = "GRPCInferenceService"
+    for rpc, types in ours["services"][service].items():
+        assert theirs["services"][service][rpc] == types, rpc
     for name, fields in ours["messages"].items():
         assert name in theirs["messages"], name
         for field, spec in fields.items():

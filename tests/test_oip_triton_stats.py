@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.proto_shape import proto_shape
 from support.servers import ServerThread, make_model, write_version
 from support.triton import run_client
 
@@ -30,26 +31,13 @@ def test_our_model_config_is_wire_compatible_with_tritons(
     out = tmp_path / "triton.json"
     run_client(triton_python, "oip_triton_stats_client.py", "descriptor", str(out))
     theirs = json.loads(out.read_text())
-    ours: dict[str, Any] = {}
-
-    def walk(descs: Any, prefix: str) -> None:
-        for m in descs:
-            name = prefix + m.name
-            ours[name] = {
-                f.name: [f.number, f.type, f.is_repeated,
-                         f.message_type.full_name if f.message_type else
-                         (f.enum_type.full_name if f.enum_type else "")]
-                for f in m.fields
-            }
-            walk(m.nested_types, name + ".")
-
-    walk(mc.DESCRIPTOR.message_types_by_name.values(), "")
-    for name, fields in ours.items():
+    ours = proto_shape(mc.DESCRIPTOR)
+    for name, fields in ours["messages"].items():
         assert name in theirs["messages"], name
         for field, spec in fields.items():
             assert theirs["messages"][name].get(field) == spec, f"{name}.{field}"
-    for enum in mc.DESCRIPTOR.enum_types_by_name.values():
-        assert {v.name: v.number for v in enum.values} == theirs["enums"][enum.name]
+    for enum, values in ours["enums"].items():
+        assert values == theirs["enums"][enum], enum
 
 
 def test_config_and_statistics_are_plain_functions_of_their_inputs() -> None:

@@ -1,7 +1,7 @@
 """Runs in .tools/triton-venv (tritonclient + protobuf<7), never in the project's venv.
 
     python oip_triton_client.py descriptor OUT.json
-        every message field and RPC of tritonclient's own compiled grpc_service.proto
+        what tritonclient's own compiled grpc_service.proto declares (proto_shape.py)
     python oip_triton_client.py drive HOST:PORT IN.npz OUT.npz TOKEN
         drive the server with the unmodified Triton gRPC client; record what it saw
 
@@ -17,38 +17,14 @@ import sys
 from typing import Any
 
 import numpy as np
-
-
-def _repeated(field: Any) -> bool:
-    """protobuf >= 6.31 has is_repeated; older versions only the (now deprecated) label."""
-    if hasattr(field, "is_repeated"):
-        return bool(field.is_repeated)
-    return bool(field.label == field.LABEL_REPEATED)
+from proto_shape import proto_shape  # beside this script
 
 
 def descriptor(out_path: str) -> None:
     from tritonclient.grpc import service_pb2
 
-    messages: dict[str, Any] = {}
-
-    def walk(descs: Any, prefix: str) -> None:
-        for m in descs:
-            name = prefix + m.name
-            messages[name] = {
-                f.name: [
-                    f.number, f.type, _repeated(f),
-                    f.message_type.full_name if f.message_type else "",
-                ]
-                for f in m.fields
-            }
-            walk(m.nested_types, name + ".")
-
-    walk(service_pb2.DESCRIPTOR.message_types_by_name.values(), "")
-    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    rpcs = {m.name: [m.input_type.full_name, m.output_type.full_name] for m in service.methods}
     with open(out_path, "w") as f:
-        json.dump({"package": service_pb2.DESCRIPTOR.package, "messages": messages,
-                   "rpcs": rpcs}, f)
+        json.dump(proto_shape(service_pb2.DESCRIPTOR), f)
 
 
 def drive(target: str, in_path: str, out_path: str, token: str) -> None:

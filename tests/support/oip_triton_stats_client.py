@@ -1,7 +1,7 @@
 """Runs in .tools/triton-venv (tritonclient + protobuf<7), never in the project's venv.
 
     python oip_triton_stats_client.py descriptor OUT.json
-        every message field of tritonclient's own compiled model_config.proto
+        what tritonclient's own compiled model_config.proto declares (proto_shape.py)
     python oip_triton_stats_client.py drive HOST:PORT OUT.json
         Triton's ModelConfig and ModelStatistics through the unmodified gRPC client, around
         a known set of inference requests; records what it saw as JSON
@@ -18,29 +18,14 @@ import time
 from typing import Any
 
 import numpy as np
+from proto_shape import proto_shape  # beside this script
 
 
 def descriptor(out_path: str) -> None:
     from tritonclient.grpc import model_config_pb2
 
-    messages: dict[str, Any] = {}
-
-    def walk(descs: Any, prefix: str) -> None:
-        for m in descs:
-            name = prefix + m.name
-            messages[name] = {
-                f.name: [f.number, f.type, f.label == f.LABEL_REPEATED,
-                         f.message_type.full_name if f.message_type else
-                         (f.enum_type.full_name if f.enum_type else "")]
-                for f in m.fields
-            }
-            walk(m.nested_types, name + ".")
-
-    walk(model_config_pb2.DESCRIPTOR.message_types_by_name.values(), "")
-    enums = {e.name: {v.name: v.number for v in e.values}
-             for e in model_config_pb2.DESCRIPTOR.enum_types_by_name.values()}
     with open(out_path, "w") as f:
-        json.dump({"messages": messages, "enums": enums}, f)
+        json.dump(proto_shape(model_config_pb2.DESCRIPTOR), f)
 
 
 def drive(target: str, out_path: str) -> None:
